@@ -1,0 +1,3 @@
+"""lcm-kit: latent consistency models for diffusers."""
+
+__version__ = "0.1.0"

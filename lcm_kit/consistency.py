@@ -1,0 +1,299 @@
+"""All consistency-model math of lcm-kit, once.
+
+Two parameterisations live here:
+
+* **Discrete VP time** (Stable Diffusion / LCM): a noisy latent is ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with
+  ``a_t = alphas_cumprod[t]``. The LCM boundary scalings use the timestep scaled by ``timestep_scaling``.
+* **EDM sigma space** (original consistency models, CD / CT / iCT): ``x_sigma = x0 + sigma z`` with Karras
+  preconditioning and the ``sigma_min`` offset that makes ``f(x, sigma_min) = x`` exactly.
+
+The scheduler, the pipelines and every trainer call these functions; nothing else re-derives them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SOLVERS = ("ddim", "euler", "heun")
+LOSS_TYPES = ("l2", "l1", "huber", "pseudo_huber")
+
+
+def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
+    """Append trailing singleton dims so a per-sample tensor broadcasts against a batch of images."""
+    if not torch.is_tensor(x):
+        return x
+    return x.reshape(x.shape + (1,) * (target_ndim - x.ndim))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Discrete VP time (LCM)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def lcm_boundary_scalings(timestep, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCM's boundary-condition scalings ``(c_skip, c_out)`` at a discrete timestep.
+
+    ``c_skip(0) = 1`` and ``c_out(0) = 0`` so the consistency function is the identity at t = 0. ``timestep_scaling``
+    sharpens the transition (diffusers' LCMScheduler and LCM scripts use 10). Works on Python numbers and on
+    tensors of any shape (the result keeps the tensor's shape; use :func:`append_dims` to broadcast).
+    """
+    scaled_timestep = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (scaled_timestep**2 + sigma_data**2)
+    c_out = scaled_timestep / (scaled_timestep**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+
+
+def predicted_original_sample(model_output, sample, alpha_prod_t, prediction_type: str = "epsilon"):
+    """x0 from a model output under the given parameterisation (``alpha_prod_t`` broadcastable to ``sample``)."""
+    _check_prediction_type(prediction_type)
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+    return model_output
+
+
+def predicted_epsilon(model_output, sample, alpha_prod_t, prediction_type: str = "epsilon"):
+    """The noise eps implied by a model output under the given parameterisation."""
+    _check_prediction_type(prediction_type)
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_prod_t.sqrt() * model_output + beta_prod_t.sqrt() * sample
+    return (sample - alpha_prod_t.sqrt() * model_output) / beta_prod_t.sqrt()
+
+
+def vp_noise(x0, noise, alpha_prod_t):
+    """Forward diffusion ``sqrt(a) x0 + sqrt(1 - a) eps`` (the same formula diffusers' ``add_noise`` uses)."""
+    return alpha_prod_t.sqrt() * x0 + (1 - alpha_prod_t).sqrt() * noise
+
+
+def vp_velocity(x0, noise, alpha_prod_t):
+    """The v-prediction target ``sqrt(a) eps - sqrt(1 - a) x0``."""
+    return alpha_prod_t.sqrt() * noise - (1 - alpha_prod_t).sqrt() * x0
+
+
+def ddim_step(pred_x0, pred_epsilon, alpha_prod_t_prev):
+    """Deterministic DDIM (eta = 0) move to the previous timestep along the predicted trajectory."""
+    return alpha_prod_t_prev.sqrt() * pred_x0 + (1 - alpha_prod_t_prev).sqrt() * pred_epsilon
+
+
+def lcm_cfg(cond, uncond, w):
+    """LCM's guidance convention ``cond + w (cond - uncond)``: w = 0 is no guidance (CFG scale = w + 1)."""
+    return cond + w * (cond - uncond)
+
+
+def ddim_timestep_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> np.ndarray:
+    """The skip-step grid LCM distillation samples from: ``[k-1, 2k-1, ..., T-1]`` with k = T // N."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(
+            f"num_ddim_timesteps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_ddim_timesteps}."
+        )
+    step_ratio = num_train_timesteps // num_ddim_timesteps
+    return (np.arange(1, num_ddim_timesteps + 1) * step_ratio).round().astype(np.int64) - 1
+
+
+def vp_sigma(alpha_prod_t):
+    """The EDM noise level of a VP timestep: ``sigma = sqrt((1 - a) / a)`` (x / sqrt(a) = x0 + sigma eps)."""
+    return ((1 - alpha_prod_t) / alpha_prod_t).sqrt()
+
+
+def vp_solver_step(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    prev_timestep: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    solver: str = "ddim",
+    pred_x0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One teacher ODE step from ``timestep`` to ``prev_timestep`` (per-sample long tensors, prev < t).
+
+    ``denoise(x, t) -> x0`` is the (guided) teacher's clean-sample prediction. ``pred_x0`` may pass the
+    prediction at (sample, timestep) when the caller already has it (saves one teacher call).
+
+    * ``ddim``: the exponential-integrator step of DDIM (eta = 0).
+    * ``euler``: Euler on the probability-flow ODE ``dx~/dsigma = (x~ - x0) / sigma`` in ``x~ = x / sqrt(a)``.
+      For VP models this is algebraically the same move as DDIM (it is computed in sigma space).
+    * ``heun``: Euler followed by Heun's second-order correction (Karras et al. 2022, Alg. 1); one extra call.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    alpha_t = append_dims(alphas_cumprod[timestep], sample.ndim)
+    alpha_prev = append_dims(alphas_cumprod[prev_timestep], sample.ndim)
+    if pred_x0 is None:
+        pred_x0 = denoise(sample, timestep)
+    if solver == "ddim":
+        pred_eps = predicted_epsilon(pred_x0, sample, alpha_t, "sample")
+        return ddim_step(pred_x0, pred_eps, alpha_prev)
+    sigma_t, sigma_prev = vp_sigma(alpha_t), vp_sigma(alpha_prev)
+    x_scaled = sample / alpha_t.sqrt()
+    derivative = (x_scaled - pred_x0) / sigma_t
+    x_prev_scaled = x_scaled + (sigma_prev - sigma_t) * derivative
+    if solver == "heun":
+        # The correction is skipped where the target is the clean end (sigma_prev ~ 0 gives no derivative).
+        x_prev = x_prev_scaled * alpha_prev.sqrt()
+        derivative_prev = (x_prev_scaled - denoise(x_prev, prev_timestep)) / sigma_prev.clamp(min=1e-12)
+        heun = x_scaled + (sigma_prev - sigma_t) * 0.5 * (derivative + derivative_prev)
+        x_prev_scaled = torch.where(sigma_prev > 1e-6, heun, x_prev_scaled)
+    return x_prev_scaled * alpha_prev.sqrt()
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32):
+    """Sinusoidal embedding of the guidance weight w (as in VDM / LCM); fed to ``UNet(timestep_cond=...)``."""
+    if w.ndim != 1:
+        raise ValueError(f"w must be a 1-D tensor of guidance weights, got shape {tuple(w.shape)}.")
+    w = w * 1000.0
+    half_dim = embedding_dim // 2
+    emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+    emb = torch.exp(torch.arange(half_dim, dtype=dtype) * -emb)
+    emb = w.to(dtype)[:, None] * emb[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EDM sigma space (consistency models: CD, CT, iCT)
+# --------------------------------------------------------------------------------------------------------------
+
+SIGMA_MIN, SIGMA_MAX, SIGMA_DATA, RHO = 0.002, 80.0, 0.5, 7.0
+
+
+def karras_sigmas(num: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
+    """``num`` Karras noise levels in **ascending** order, sigma_1 = sigma_min ... sigma_N = sigma_max (float64)."""
+    if num < 2:
+        raise ValueError(f"num must be >= 2 to span [sigma_min, sigma_max], got {num}.")
+    ramp = torch.linspace(0, 1, num, dtype=torch.float64)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (min_inv + ramp * (max_inv - min_inv)) ** rho
+
+
+def consistency_scalings(sigma, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN):
+    """Consistency-model preconditioning ``(c_skip, c_out, c_in)`` with the sigma_min offset.
+
+    ``c_skip(sigma_min) = 1`` and ``c_out(sigma_min) = 0`` exactly, so ``f(x, sigma_min) = x``.
+    """
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    c_in = 1 / (sigma**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out, c_in
+
+
+def edm_scalings(sigma, sigma_data: float = SIGMA_DATA):
+    """EDM denoiser preconditioning ``(c_skip, c_out, c_in)`` without the offset (a diffusion teacher's)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    c_in = 1 / (sigma**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out, c_in
+
+
+def sigma_to_timestep(sigma):
+    """The time input diffusers' ``CMStochasticIterativeScheduler`` feeds a ``UNet2DModel``: 250 log(sigma)."""
+    if torch.is_tensor(sigma):
+        return 1000 * 0.25 * torch.log(sigma + 1e-44)
+    return 1000 * 0.25 * np.log(np.asarray(sigma, dtype=np.float64) + 1e-44)
+
+
+def edm_euler_step(denoised, sample, sigma, sigma_next):
+    """Euler step of the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``."""
+    return sample + (sigma_next - sigma) * (sample - denoised) / sigma
+
+
+def edm_solver_step(denoise, sample, sigma, sigma_next, solver: str = "euler", denoised=None):
+    """One teacher step from ``sigma`` to ``sigma_next`` (per-sample, broadcastable) with ``denoise(x, sigma)``."""
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun' in sigma space, got {solver!r}.")
+    sigma, sigma_next = append_dims(sigma, sample.ndim), append_dims(sigma_next, sample.ndim)
+    if denoised is None:
+        denoised = denoise(sample, sigma)
+    x_next = edm_euler_step(denoised, sample, sigma, sigma_next)
+    if solver == "heun":
+        d = (sample - denoised) / sigma
+        d_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+        x_next = sample + (sigma_next - sigma) * 0.5 * (d + d_next)
+    return x_next
+
+
+def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
+    """Original CT discretisation curriculum N(k) (Song et al. 2023, App. C)."""
+    return int(math.ceil(math.sqrt(step / total_steps * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1)
+
+
+def ct_target_ema(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> float:
+    """Original CT target-network EMA decay mu(k) = exp(s0 log mu0 / N(k))."""
+    return math.exp(s0 * math.log(mu0) / ct_num_scales(step, total_steps, s0, s1))
+
+
+def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's exponential curriculum ``N(k) = min(s0 2^floor(k / K'), s1) + 1``, K' = floor(K / (log2(s1/s0) + 1))."""
+    k_prime = max(1, math.floor(total_steps / (math.log2(s1 / s0) + 1)))
+    return min(s0 * 2 ** (step // k_prime), s1) + 1
+
+
+def ict_index_probabilities(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """iCT's lognormal sampling of the index i in [0, N-2] (for the pair sigma_i < sigma_{i+1}), ascending sigmas."""
+    log_sigmas = torch.log(sigmas.double())
+    cdf = torch.erf((log_sigmas - p_mean) / (math.sqrt(2) * p_std))
+    probs = cdf[1:] - cdf[:-1]
+    return probs / probs.sum()
+
+
+def ict_loss_weight(sigma, sigma_next):
+    """iCT's lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i)."""
+    return 1.0 / (sigma_next - sigma)
+
+
+def pseudo_huber_c(num_dims: int) -> float:
+    """iCT's pseudo-Huber constant c = 0.00054 sqrt(d) for data of d dimensions."""
+    return 0.00054 * math.sqrt(num_dims)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------------------------------
+
+
+def consistency_distance(prediction, target, loss_type: str = "l2", huber_c: float | None = None, reduce=True):
+    """Distance between student and target outputs.
+
+    * ``l2``: mean squared error; ``l1``: mean absolute error.
+    * ``huber``: LCM's element-wise ``sqrt((x - y)^2 + c^2) - c`` (diffusers' LCM scripts, c = 0.001).
+    * ``pseudo_huber``: iCT's per-sample ``sqrt(||x - y||^2 + c^2) - c``, c defaulting to 0.00054 sqrt(d).
+
+    With ``reduce=False`` returns one value per sample (for per-sample loss weights).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    diff = prediction.float() - target.float()
+    flat = diff.reshape(diff.shape[0], -1)
+    if loss_type == "l2":
+        per_sample = flat.pow(2).mean(dim=1)
+    elif loss_type == "l1":
+        per_sample = flat.abs().mean(dim=1)
+    elif loss_type == "huber":
+        c = 0.001 if huber_c is None else huber_c
+        per_sample = (torch.sqrt(flat.pow(2) + c**2) - c).mean(dim=1)
+    else:
+        c = pseudo_huber_c(flat.shape[1]) if huber_c is None else huber_c
+        per_sample = torch.sqrt(flat.pow(2).sum(dim=1) + c**2) - c
+    return per_sample.mean() if reduce else per_sample
+
+
+def sample_uniform(low: float, high: float, size: Sequence[int] | int, generator=None, device=None):
+    """U[low, high) samples (the guidance scale w of LCM distillation), seeded through ``generator``."""
+    size = (size,) if isinstance(size, int) else tuple(size)
+    return low + (high - low) * torch.rand(size, generator=generator, device=device)
