@@ -1,3 +1,24 @@
-"""lcm-kit: latent consistency models for diffusers."""
+"""lcm-kit: latent consistency models for diffusers.
+
+Public API (imported lazily so ``import lcm_kit`` stays cheap)::
+
+    from lcm_kit import ConsistencyScheduler, LCMPipeline
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ConsistencyScheduler": "lcm_kit.schedulers",
+    "ConsistencySchedulerOutput": "lcm_kit.schedulers",
+    "LCMPipeline": "lcm_kit.pipelines",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lcm_kit' has no attribute {name!r}")

@@ -90,6 +90,22 @@ def ddim_step(pred_x0, pred_epsilon, alpha_prod_t_prev):
     return alpha_prod_t_prev.sqrt() * pred_x0 + (1 - alpha_prod_t_prev).sqrt() * pred_epsilon
 
 
+def dynamic_threshold(pred_x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding of an x0 prediction (Saharia et al. 2022, https://huggingface.co/papers/2205.11487).
+
+    Per sample, ``s`` is the ``ratio`` quantile of ``|x0|`` clamped to ``[1, max_value]``; x0 is clipped to
+    ``[-s, s]`` and divided by ``s`` (s = 1 is plain clipping to [-1, 1]). Computed in float32 at least (quantile
+    and clamp lack half-precision CPU kernels) and returned in the input dtype; the same operations as diffusers'
+    schedulers, so results match them bit for bit.
+    """
+    dtype = pred_x0.dtype
+    flat = pred_x0.reshape(pred_x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(pred_x0.shape).to(dtype)
+
+
 def lcm_cfg(cond, uncond, w):
     """LCM's guidance convention ``cond + w (cond - uncond)``: w = 0 is no guidance (CFG scale = w + 1)."""
     return cond + w * (cond - uncond)
@@ -206,6 +222,21 @@ def sigma_to_timestep(sigma):
     if torch.is_tensor(sigma):
         return 1000 * 0.25 * torch.log(sigma + 1e-44)
     return 1000 * 0.25 * np.log(np.asarray(sigma, dtype=np.float64) + 1e-44)
+
+
+def vp_timestep_from_sigma(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The fractional discrete timestep of a VP (DDPM-family) model whose noise level is ``sigma``.
+
+    Interpolates ``log sigma`` linearly between the model's discrete levels ``vp_sigma(alphas_cumprod[t])`` (as
+    k-diffusion's discrete-schedule wrappers do), clamped to ``[0, T - 1]``: a VP teacher can then be queried as an
+    EDM denoiser at any sigma of a Karras grid.
+    """
+    log_sigmas = torch.log(vp_sigma(alphas_cumprod.double().to(sigma.device)))  # ascending in t
+    log_sigma = torch.log(sigma.double()).clamp(log_sigmas[0], log_sigmas[-1])
+    high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, log_sigmas.numel() - 1)
+    low = high - 1
+    frac = (log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
+    return (low + frac.clamp(0, 1)).to(sigma.dtype)
 
 
 def edm_euler_step(denoised, sample, sigma, sigma_next):

@@ -1,0 +1,321 @@
+"""Publishing trained LCM weights: model card, secret-free saved arguments, Hub upload.
+
+    card = render_model_card("runwayml/stable-diffusion-v1-5", "me/lcm-lora-sd15", lora=True,
+                             training_command=training_command(), license=license_from_model_folder_or_card(teacher),
+                             validation_image="validation.png")
+    push_to_hub(output_dir, "me/lcm-lora-sd15", token=args.hub_token, model_card=card)
+
+Secrets: ``args_for_saving`` drops every argument whose name looks like a credential (``hub_token``,
+``*_api_key``, ``*_password``...) and masks Hugging Face token-shaped strings in the rest; the training command
+rendered into a card goes through ``redact_command``. The token itself is only ever handed to ``HfApi``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_IGNORE_PATTERNS",
+    "args_for_saving",
+    "is_secret_name",
+    "license_from_model_folder_or_card",
+    "push_to_hub",
+    "redact_command",
+    "redact_text",
+    "render_model_card",
+    "training_command",
+    "write_training_args",
+]
+
+REDACTED = "<redacted>"
+#: Argument names treated as secrets: a credential word as a whole ``_``-separated part (``hub_token``,
+#: ``wandb_api_key``, ``password``), but not ``tokenizer_name`` or ``max_tokens``.
+_SECRET_NAME = re.compile(
+    r"(^|_)(token|secret|password|passwd|api_key|apikey|access_key|secret_key|credentials?|auth)($|_)", re.I
+)
+#: Hugging Face user access tokens (and similar bearer strings) wherever they show up.
+_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+#: Never uploaded: training state, caches, temporary and hidden files.
+DEFAULT_IGNORE_PATTERNS = (
+    "checkpoint-*", "*/checkpoint-*", "step_*", "epoch_*", "*.tmp", "*.tmp-*", ".*", "*/.*", "*cache*/*",
+    "*.lock",
+)
+_STANDARD_TAGS = ("lcm", "diffusers", "text-to-image", "lcm-kit")
+
+
+def is_secret_name(name: str) -> bool:
+    """True for argument names that hold credentials (``hub_token``, ``report_api_key``, ``password``...)."""
+    return bool(_SECRET_NAME.search(name.lstrip("-").replace("-", "_")))
+
+
+def redact_text(text: str) -> str:
+    """Mask Hugging Face token-shaped strings (``hf_...``) in free text."""
+    return _TOKEN_VALUE.sub(REDACTED, text)
+
+
+def _to_plain(value: Any) -> Any:
+    """JSON-able copy: paths and other objects become strings; token-shaped strings are masked."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return redact_text(os.fspath(value))
+    if isinstance(value, Mapping):
+        return {str(k): (REDACTED if is_secret_name(str(k)) else _to_plain(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_plain(v) for v in value]
+    return redact_text(str(value))
+
+
+def args_for_saving(args: Any) -> dict:
+    """The training arguments as a JSON-able dict with every secret-looking field dropped.
+
+    ``args``: an ``argparse.Namespace``, a dataclass instance or a mapping. Fields named like credentials
+    (see :func:`is_secret_name`) are removed; any other value that looks like a Hugging Face token is masked.
+    """
+    if isinstance(args, Mapping):
+        items = dict(args)
+    elif dataclasses.is_dataclass(args) and not isinstance(args, type):
+        items = {field.name: getattr(args, field.name) for field in dataclasses.fields(args)}
+    elif hasattr(args, "__dict__"):
+        items = dict(vars(args))
+    else:
+        raise TypeError(f"args must be an argparse.Namespace, a dataclass or a mapping, got {type(args).__name__}")
+    return {str(k): _to_plain(v) for k, v in items.items() if not is_secret_name(str(k))}
+
+
+def write_training_args(args: Any, output_dir: str | os.PathLike, filename: str = "training_args.json") -> Path:
+    """Write :func:`args_for_saving` as JSON into ``output_dir`` (the secret-free record of a run)."""
+    path = Path(output_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(args_for_saving(args), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def redact_command(command: str | Sequence[str]) -> str:
+    """A shell-quoted command line with the values of secret flags (``--hub_token X``, ``--hub_token=X``) and any
+    token-shaped string replaced by ``<redacted>``."""
+    if isinstance(command, str):
+        try:
+            parts = shlex.split(command)
+        except ValueError:  # unbalanced quotes: fall back to whitespace, still redacting
+            parts = command.split()
+    else:
+        parts = [str(part) for part in command]
+    redacted, hide_next = [], False
+    for part in parts:
+        if hide_next:
+            redacted.append(REDACTED)
+            hide_next = False
+            continue
+        if part.startswith("-") and is_secret_name(part.split("=", 1)[0]):
+            if "=" in part:
+                redacted.append(part.split("=", 1)[0] + "=" + REDACTED)
+            else:
+                redacted.append(part)
+                hide_next = True
+            continue
+        redacted.append(redact_text(part))
+    return shlex.join(redacted)
+
+
+def training_command(argv: Sequence[str] | None = None, launcher: str = "accelerate launch") -> str:
+    """The command that started this run (``sys.argv`` by default), secrets redacted, ready for a model card."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(".py"):
+        argv[0] = os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
+    command = redact_command(argv)
+    return f"{launcher} {command}" if launcher else command
+
+
+def license_from_model_folder_or_card(path_or_id: str | os.PathLike | None) -> str | None:
+    """The ``license`` in a teacher's model card front matter, or ``None`` when not known.
+
+    Reads ``<folder>/README.md``, a card file given directly, or for a Hub id the README already in the local
+    Hugging Face cache (never the network). ``license: other`` with a ``license_name`` returns the name.
+    """
+    if path_or_id is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    path = Path(path_or_id).expanduser()
+    card_path: Path | None = None
+    if path.is_dir():
+        card_path = path / "README.md" if (path / "README.md").is_file() else None
+    elif path.is_file():
+        card_path = path
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(path_or_id), "README.md")
+        except Exception:  # not a valid repo id: nothing cached to read
+            cached = None
+        card_path = Path(cached) if isinstance(cached, str) else None
+    if card_path is None:
+        return None
+    data = ModelCard(card_path.read_text(encoding="utf-8"), ignore_metadata_errors=True).data
+    license_value = getattr(data, "license", None)
+    if license_value == "other" and getattr(data, "license_name", None):
+        return str(data.license_name)
+    return str(license_value) if license_value else None
+
+
+def _is_hub_id(name: str) -> bool:
+    """Hub repo ids look like ``name`` or ``owner/name`` and are not paths that exist here."""
+    return (not Path(name).expanduser().exists() and not name.startswith(("/", ".", "~"))
+            and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
+
+
+def _usage_snippet(base_model: str, hub_model_id: str, lora: bool) -> str:
+    if lora:
+        return f'''```python
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler
+
+pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights("{hub_model_id}")
+
+# LCM-LoRA: 4 steps, guidance 1.0 (no classifier-free guidance; 1.0-2.0 works)
+image = pipe("a photo of an astronaut riding a horse", num_inference_steps=4, guidance_scale=1.0).images[0]
+image.save("lcm.png")
+```'''
+    return f'''```python
+import torch
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{hub_model_id}", subfolder="unet", torch_dtype=torch.float16)
+pipe = LatentConsistencyModelPipeline.from_pretrained("{base_model}", unet=unet, torch_dtype=torch.float16)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe = pipe.to("cuda")
+
+# The guidance scale is an input of the distilled UNet (guidance embedding), applied in a single pass.
+image = pipe("a photo of an astronaut riding a horse", num_inference_steps=4, guidance_scale=8.0).images[0]
+image.save("lcm.png")
+```'''
+
+
+def render_model_card(
+    base_model: str,
+    hub_model_id: str,
+    lora: bool,
+    training_command: str | Sequence[str],
+    license: str | None = None,
+    validation_image: str | None = None,
+    extra_tags: Iterable[str] = (),
+    metrics: Mapping[str, Any] | None = None,
+    datasets: str | Sequence[str] | None = None,
+) -> str:
+    """A Hub model card (``README.md``) for an LCM-LoRA (``lora=True``) or a fully distilled LCM UNet.
+
+    Front matter: ``base_model`` (when it is a Hub id; a local teacher path is named in the text only),
+    ``license`` when known, ``library_name: diffusers``, tags lcm / lora / diffusers / text-to-image / lcm-kit
+    (+ ``extra_tags``), ``datasets``. Body: a 4-step usage snippet, the validation grid (``validation_image``,
+    a path relative to the uploaded folder), ``metrics`` as a table and the training command with secrets
+    redacted.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if not isinstance(base_model, str) or not base_model:
+        raise ValueError(f"base_model must be a non-empty string, got {base_model!r}")
+    if not isinstance(hub_model_id, str) or not hub_model_id:
+        raise ValueError(f"hub_model_id must be a non-empty string, got {hub_model_id!r}")
+    tags = list(_STANDARD_TAGS[:1]) + (["lora"] if lora else []) + list(_STANDARD_TAGS[1:])
+    tags += [t for t in extra_tags if t not in tags]
+    base_is_hub_id = _is_hub_id(base_model)
+    data = ModelCardData(
+        base_model=base_model if base_is_hub_id else None,
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        datasets=[datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None),
+    )
+    kind = "LCM-LoRA" if lora else "Latent Consistency Model (distilled UNet)"
+    teacher = f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub_id else f"`{base_model}`"
+    what = (
+        "A LoRA adapter that turns the teacher into a latent consistency model: load it on top of the base "
+        "pipeline and sample in 2-8 steps."
+        if lora else
+        "A UNet distilled from the teacher by latent consistency distillation, with a guidance-scale embedding: "
+        "use it in place of the base UNet and sample in 2-8 steps."
+    )
+    sections = [
+        f"# {kind}: {hub_model_id}",
+        f"Distilled from {teacher} with lcm-kit (latent consistency distillation). {what}",
+        "## Usage\n\n" + _usage_snippet(base_model if base_is_hub_id else "<base model>", hub_model_id, lora),
+    ]
+    if validation_image:
+        sections.append(f"## Validation samples (4 steps)\n\n![validation images]({validation_image})")
+    if metrics:
+        rows = "\n".join(f"| {redact_text(str(name))} | {redact_text(_format_metric(value))} |"
+                         for name, value in metrics.items())
+        sections.append("## Metrics\n\n| metric | value |\n|---|---|\n" + rows)
+    sections.append("## Training\n\nTrained with:\n\n```bash\n" + redact_command(training_command) + "\n```")
+    if license is None:
+        sections.append("License: not known (the teacher's card did not state one); check the base model's terms.")
+    body = "\n\n".join(sections) + "\n"
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return redact_text(str(card))
+
+
+def _format_metric(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    client: Any = None,
+    commit_message: str = "Upload LCM weights trained with lcm-kit",
+    private: bool = False,
+    ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+    model_card: str | None = None,
+) -> str:
+    """Create ``repo_id`` (if needed) and upload ``folder`` to it; returns the repo id the Hub reports.
+
+    Args:
+        folder: the output directory (weights, ``README.md``, validation grid).
+        repo_id: ``owner/name`` or ``name``.
+        token: Hub token for the default client; never logged nor written anywhere.
+        client: an ``huggingface_hub.HfApi``-like object (tests inject a recording fake); default
+            ``HfApi(token=token)``.
+        ignore_patterns: never uploaded; by default checkpoints, caches, temporary and hidden files.
+        model_card: when given, written to ``folder/README.md`` first.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder={str(folder)!r} is not a directory")
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"repo_id must be a non-empty string like 'owner/name', got {repo_id!r}")
+    if client is None:
+        from huggingface_hub import HfApi
+
+        client = HfApi(token=token)
+    if model_card is not None:
+        (folder / "README.md").write_text(model_card, encoding="utf-8")
+    repo_url = client.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+    resolved = getattr(repo_url, "repo_id", None) or repo_id
+    logger.info("uploading %s to the Hub repo %s", folder, resolved)
+    client.upload_folder(
+        repo_id=resolved,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns),
+        repo_type="model",
+    )
+    return resolved
