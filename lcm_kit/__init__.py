@@ -13,6 +13,11 @@ _EXPORTS = {
     "ConsistencyScheduler": "lcm_kit.schedulers",
     "ConsistencySchedulerOutput": "lcm_kit.schedulers",
     "LCMPipeline": "lcm_kit.pipelines",
+    "add_lcm_lora": "lcm_kit.lora",
+    "save_lora_weights": "lcm_kit.lora",
+    "load_lora_weights_strict": "lcm_kit.lora",
+    "check_lora_applied": "lcm_kit.lora",
+    "export_kohya": "lcm_kit.lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,469 @@
+"""LCMPipeline: few-step text-to-image and image-to-image for SD 1.x / 2.x with a latent consistency model.
+
+One pipeline for both kinds of latent consistency model:
+
+* a **fully distilled LCM** (the UNet has ``time_cond_proj_dim``): guidance is baked into the UNet and fed as a
+  w-embedding, exactly as diffusers' ``LatentConsistencyModelPipeline``;
+* an **LCM-LoRA** on an ordinary SD UNet (``pipe.load_lora_weights(...)``): no guidance by default, optional real
+  classifier-free guidance with a negative prompt.
+
+Built on diffusers: the class subclasses ``LatentConsistencyModelPipeline`` (prompt encoding, latent preparation,
+safety checker, LoRA / textual-inversion loaders, ``StableDiffusionMixin`` helpers) and only adds what that pipeline
+lacks: the LoRA guidance branch, img2img, ``gamma``, the scheduler conversion and stricter input checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import PIL.Image
+import torch
+from diffusers import LCMScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img import (
+    LatentConsistencyModelImg2ImgPipeline,
+)
+from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
+    LatentConsistencyModelPipeline,
+    retrieve_timesteps,
+)
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
+
+from lcm_kit.consistency import guidance_scale_embedding
+from lcm_kit.schedulers import ConsistencyScheduler
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DISTILLED_DEFAULT_GUIDANCE = 8.5  # w = 7.5 + 1: the common distillation target of published LCMs
+LORA_DEFAULT_GUIDANCE = 1.0  # LCM-LoRA: no classifier-free guidance
+
+
+def as_consistency_scheduler(scheduler):
+    """Return ``scheduler`` if it already runs LCM multistep sampling (``ConsistencyScheduler`` or diffusers'
+    ``LCMScheduler``); otherwise a ``ConsistencyScheduler`` built from its config (betas, prediction type,
+    timestep offsets carry over, so an SD folder's DDIM/PNDM/Euler scheduler becomes the matching LCM one)."""
+    if isinstance(scheduler, (ConsistencyScheduler, LCMScheduler)):
+        return scheduler
+    converted = ConsistencyScheduler.from_config(scheduler.config)
+    logger.info(
+        f"LCMPipeline: replaced the {type(scheduler).__name__} by a ConsistencyScheduler built from its config "
+        "(latent consistency models need LCM multistep sampling)."
+    )
+    return converted
+
+
+class LCMPipeline(LatentConsistencyModelPipeline):
+    r"""Few-step generation with a latent consistency model on Stable Diffusion 1.x / 2.x components.
+
+    Components are those of diffusers' ``StableDiffusionPipeline`` (``vae``, ``text_encoder``, ``tokenizer``,
+    ``unet``, ``scheduler``, optional ``safety_checker``, ``feature_extractor``, ``image_encoder``), so
+    ``LCMPipeline.from_pretrained(<any SD 1.x/2.x folder or Hub id>)`` and ``LCMPipeline.from_pipe(sd_pipe)``
+    work. LoRA (``load_lora_weights``, ``fuse_lora``, ``unfuse_lora``, ``set_adapters``), textual inversion and
+    single-file loading come from the diffusers mixins.
+
+    **Scheduler.** Whatever scheduler the components carry, the pipeline samples with LCM multistep sampling: a
+    ``ConsistencyScheduler`` or diffusers ``LCMScheduler`` is kept as given; any other scheduler (an SD folder ships
+    DDIM or PNDM) is replaced in ``__init__`` by ``ConsistencyScheduler.from_config(scheduler.config)``. Converting
+    in ``__init__`` (rather than in ``from_pretrained``) covers every way of building the pipeline: direct
+    construction, ``from_pretrained``, ``from_pipe`` and ``from_single_file``.
+    """
+
+    # `negative_prompt_embeds` is only present under classifier-free guidance (LCM-LoRA, guidance_scale > 1);
+    # `prompt_embeds` is then the [negative, positive] batch the UNet sees, as in StableDiffusionPipeline.
+    _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds", "negative_prompt_embeds", "w_embedding"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = True,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=as_consistency_scheduler(scheduler),
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+
+    # The img2img latent preparation (VAE encode, then noise at the first timestep) is diffusers' own, so the
+    # generator is consumed in the same order and img2img output matches LatentConsistencyModelImg2ImgPipeline.
+    prepare_image_latents = LatentConsistencyModelImg2ImgPipeline.prepare_latents
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        lora_scale=None,
+        clip_skip=None,
+    ):
+        """diffusers' ``encode_prompt``; only the ``clip_skip`` embedding of the prompt is computed here when the
+        text encoder has no ``.text_model`` (transformers >= 5 flattened ``CLIPTextModel``, which diffusers'
+        clip_skip path still expects). As in diffusers, ``clip_skip`` applies to the prompt, not the negative."""
+        if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
+            prompt_embeds = self._clip_skip_prompt_embeds(prompt, device, clip_skip, lora_scale)
+        return super().encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def _clip_skip_prompt_embeds(self, prompt, device, clip_skip: int, lora_scale=None) -> torch.Tensor:
+        """CLIP hidden state ``clip_skip`` layers before the last, through the final layer norm."""
+        if isinstance(self, TextualInversionLoaderMixin):
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        tokens = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        attention_mask = tokens.attention_mask.to(device) if use_mask else None
+        scale_text_lora = lora_scale is not None and USE_PEFT_BACKEND
+        if scale_text_lora:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            hidden_states = self.text_encoder(
+                tokens.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True
+            ).hidden_states
+            final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+            return final_layer_norm(hidden_states[-(clip_skip + 1)])
+        finally:
+            if scale_text_lora:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+
+    @property
+    def is_distilled(self) -> bool:
+        """True for a fully distilled LCM (guidance enters the UNet as a w-embedding), False for LCM-LoRA."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # Real CFG only for a UNet without guidance conditioning (LCM-LoRA) and a scale above 1.
+        return self._guidance_scale > 1 and not self.is_distilled
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        prompt_embeds=None,
+        negative_prompt=None,
+        negative_prompt_embeds=None,
+        num_images_per_prompt=1,
+        generator=None,
+        image=None,
+        strength=None,
+        gamma=None,
+        output_type="pil",
+        callback_on_step_end_tensor_inputs=None,
+    ):
+        """Raise ``ValueError`` naming the argument, the value received and what is allowed."""
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % factor != 0):
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of the VAE scale factor {factor}, got {value!r}."
+                )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass one of `prompt` (str or list of str) or `prompt_embeds`; got neither.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+        if prompt_embeds is not None and prompt_embeds.ndim != 3:
+            raise ValueError(
+                f"`prompt_embeds` must have shape (batch, sequence, hidden), got {tuple(prompt_embeds.shape)}."
+            )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if negative_prompt_embeds is not None:
+            if prompt_embeds is None:
+                raise ValueError("`negative_prompt_embeds` needs `prompt_embeds` (not `prompt`) of the same shape.")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    "`negative_prompt_embeds` must have the shape of `prompt_embeds`, got "
+                    f"{tuple(negative_prompt_embeds.shape)} vs {tuple(prompt_embeds.shape)}."
+                )
+        if isinstance(prompt, list) and isinstance(negative_prompt, list) and len(prompt) != len(negative_prompt):
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompt)}; they must match."
+            )
+        if (negative_prompt is not None or negative_prompt_embeds is not None) and not self.do_classifier_free_guidance:
+            why = (
+                "this UNet is a distilled LCM (guidance comes from the w-embedding, the negative prompt is unused)"
+                if self.is_distilled
+                else f"guidance_scale={self._guidance_scale} <= 1 means no classifier-free guidance"
+            )
+            raise ValueError(f"A negative prompt was given but would be ignored: {why}. Drop it or raise guidance.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
+        if isinstance(generator, list):
+            batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+            if len(generator) != batch * num_images_per_prompt:
+                raise ValueError(
+                    f"`generator` is a list of {len(generator)} generators but the batch has "
+                    f"{batch * num_images_per_prompt} images (prompts x num_images_per_prompt); pass one per image."
+                )
+        if image is None and strength is not None:
+            raise ValueError(f"`strength`={strength} was given without `image`; strength is only for img2img.")
+        if image is not None:
+            if strength is None or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(
+                    f"img2img needs `strength` in (0, 1] (how much of the image is re-noised), got {strength!r}."
+                )
+            if not isinstance(image, (torch.Tensor, PIL.Image.Image, list)) and not hasattr(image, "__array__"):
+                raise ValueError(
+                    f"`image` must be a PIL image, a numpy array, a torch tensor or a list of them, got {type(image)}."
+                )
+        if gamma is not None:
+            if not 0.0 <= gamma <= 1.0:
+                raise ValueError(f"`gamma` must be in [0, 1], got {gamma}.")
+            if not isinstance(self.scheduler, ConsistencyScheduler) and gamma != 1.0:
+                raise ValueError(
+                    f"`gamma`={gamma} needs a ConsistencyScheduler; {type(self.scheduler).__name__} only does "
+                    "gamma=1 (fresh-noise LCM multistep)."
+                )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
+                )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 4,
+        original_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        gamma: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image: PipelineImageInput | None = None,
+        strength: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> StableDiffusionPipelineOutput | tuple:
+        r"""Generate images in a few consistency steps (text-to-image, or image-to-image when ``image`` is given).
+
+        Args:
+            prompt: prompt(s); or pass ``prompt_embeds``.
+            height, width: output size in pixels, multiples of ``vae_scale_factor``. Default: the UNet's sample size
+                times the VAE factor (text-to-image) or the input image's size (image-to-image).
+            num_inference_steps: consistency steps, 1-8 is the useful range (default 4).
+            original_inference_steps: size of the DDIM grid the model was distilled on (scheduler default 50); the
+                steps are drawn from it.
+            timesteps: custom descending timesteps from that grid (instead of ``num_inference_steps``).
+            guidance_scale: which value to pick depends on the model:
+
+                * **LCM-LoRA** (ordinary SD UNet + LoRA): ``1.0`` (default) = no classifier-free guidance, one UNet
+                  pass per step — this is what LCM-LoRA was distilled for. ``1.0 < s <= 2.0`` adds real CFG with
+                  ``negative_prompt`` (``uncond + s (cond - uncond)``, two UNet passes per step) for a little more
+                  prompt adherence; higher values burn the image.
+                * **Distilled LCM** (UNet with ``time_cond_proj_dim``): guidance is the w-embedding with
+                  ``w = guidance_scale - 1`` (diffusers' convention). Pick the w the model was distilled for plus
+                  one, e.g. ``8.5`` (default) for the published LCM-Dreamshaper (w = 7.5). No negative prompt.
+
+            negative_prompt, negative_prompt_embeds: only for LCM-LoRA with ``guidance_scale > 1`` (an error
+                otherwise, since they would be ignored). Default negative prompt: ``""``.
+            gamma: trajectory-consistency stochasticity of the ``ConsistencyScheduler`` in [0, 1] for this call:
+                1 = LCM's fresh-noise multistep (default, the scheduler's configured value), 0 = deterministic
+                DDIM-style move along the predicted trajectory.
+            num_images_per_prompt, generator, latents: as in diffusers (one generator per image if a list).
+            image, strength: image-to-image. ``strength`` in (0, 1] is passed to ``scheduler.set_timesteps`` so the
+                schedule starts at ``strength`` of the way into the distillation grid; the image is VAE-encoded and
+                noised to the first timestep. ``strength`` is required with ``image`` and refused without it.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the final denoised latents).
+            return_dict: return a ``StableDiffusionPipelineOutput`` (else a tuple ``(images, nsfw)``).
+            cross_attention_kwargs: passed to the attention processors (``{"scale": s}`` scales the LoRA).
+            clip_skip: number of final CLIP layers to skip.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers; tensors from
+                ``_callback_tensor_inputs`` may be read and replaced (``latents``, ``denoised``, ``prompt_embeds``,
+                ``negative_prompt_embeds``, ``w_embedding``).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if guidance_scale is None:
+            guidance_scale = DISTILLED_DEFAULT_GUIDANCE if self.is_distilled else LORA_DEFAULT_GUIDANCE
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            prompt_embeds,
+            negative_prompt,
+            negative_prompt_embeds,
+            num_images_per_prompt,
+            generator,
+            image,
+            strength,
+            gamma,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        if image is None:
+            height = height or self.unet.config.sample_size * self.vae_scale_factor
+            width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        num_images = batch_size * num_images_per_prompt
+        device = self._execution_device
+        do_cfg = self.do_classifier_free_guidance
+
+        # 1. Text conditioning (diffusers' encode_prompt, incl. textual inversion, LoRA scale and clip_skip).
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_cfg,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        if do_cfg:
+            # One batched UNet pass over [uncond, cond], as StableDiffusionPipeline does.
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 2. Timesteps; img2img passes strength so the schedule starts part-way into the grid.
+        set_timesteps_kwargs = dict(original_inference_steps=original_inference_steps)
+        if image is not None:
+            image = self.image_processor.preprocess(image, height=height, width=width)
+            set_timesteps_kwargs["strength"] = strength
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, **set_timesteps_kwargs
+        )
+
+        # 3. Initial latents: pure noise, or the encoded image noised to the first timestep.
+        if latents is None and image is not None:
+            latents = self.prepare_image_latents(
+                image, timesteps[:1], batch_size, num_images_per_prompt, prompt_embeds.dtype, device, generator
+            )
+        elif image is None:
+            latents = self.prepare_latents(
+                num_images,
+                self.unet.config.in_channels,
+                height,
+                width,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+
+        # 4. Guidance embedding of a distilled LCM: w = guidance_scale - 1 (diffusers' convention).
+        w_embedding = None
+        if self.is_distilled:
+            w = torch.full((num_images,), guidance_scale - 1.0)
+            w_embedding = guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
+                device=device, dtype=latents.dtype
+            )
+
+        step_kwargs = {"generator": generator}
+        if gamma is not None and isinstance(self.scheduler, ConsistencyScheduler):
+            step_kwargs["gamma"] = gamma
+
+        # 5. LCM multistep sampling.
+        self._num_timesteps = len(timesteps)
+        denoised = latents
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latents = latents.to(prompt_embeds.dtype)
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                model_pred = self.unet(
+                    model_input,
+                    t,
+                    timestep_cond=w_embedding,
+                    encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0]
+                if do_cfg:
+                    pred_uncond, pred_cond = model_pred.chunk(2)
+                    model_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+
+                latents, denoised = self.scheduler.step(model_pred, t, latents, **step_kwargs, return_dict=False)
+
+                if callback_on_step_end is not None:
+                    local_tensors = locals()
+                    callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    denoised = callback_outputs.pop("denoised", denoised)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    w_embedding = callback_outputs.pop("w_embedding", w_embedding)
+                progress_bar.update()
+
+        # 6. Decode the last denoised prediction (the consistency function's output).
+        denoised = denoised.to(prompt_embeds.dtype)
+        if output_type == "latent":
+            images, has_nsfw_concept = denoised, None
+        else:
+            decoded = self.vae.decode(denoised / self.vae.config.scaling_factor, return_dict=False)[0]
+            decoded, has_nsfw_concept = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
+            flagged = has_nsfw_concept if has_nsfw_concept is not None else [False] * decoded.shape[0]
+            do_denormalize = [not nsfw for nsfw in flagged]
+            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=do_denormalize)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, has_nsfw_concept
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw_concept)
