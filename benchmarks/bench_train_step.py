@@ -1,0 +1,360 @@
+"""ms/step and peak memory of the LCM-LoRA distillation step: lcm-kit's trainer vs the reference formulation.
+
+* **lcm-kit** (``LCMDistillation``, the code ``train_lcm_lora.py`` runs): one UNet; the teacher is the same frozen
+  base with the adapter disabled; teacher cond + uncond in ONE batched forward; frozen weights in the
+  mixed-precision dtype, adapter fp32; latents and text embeddings from the encoded cache
+  (``--cache_latents --cache_text_embeddings``: the batch holds the VAE posterior and the prompt embeddings).
+* **reference** (diffusers' ``train_lcm_distill_lora_sd_wds.py`` formulation): a separate fp32 student base with
+  the adapter, a separate teacher copy (in the mixed-precision dtype), two teacher forwards (cond, then uncond),
+  and the VAE and the text encoder run on every step. Same math (``lcm_distillation_loss``), so only the
+  formulation differs.
+
+Both run in ONE process, interleaved step by step (A, B, A, B, ...) so machine noise hits both alike. Peak memory:
+on CUDA ``torch.cuda.max_memory_allocated`` per variant (the other variant's models deleted first); on CPU the
+peak resident set of a child process that builds and runs only that variant, minus the same child's RSS after
+imports.
+
+    python benchmarks/bench_train_step.py                 # CPU tiny config (tiny SD1-shaped kit, 32^2, batch 8, r 8)
+    python benchmarks/bench_train_step.py --config gpu    # SD1.5-shaped random weights, 512^2, batch 8, fp16, r 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    "cpu": dict(kind="tiny", resolution=32, batch_size=8, rank=8, mixed_precision="no", device="cpu"),
+    "gpu": dict(kind="sd15", resolution=512, batch_size=8, rank=64, mixed_precision="fp16", device="cuda"),
+}
+
+
+def sd15_shaped_components(seed: int = 0) -> dict:
+    """Stable Diffusion 1.5-shaped components with random weights (nothing downloaded)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lcm_kit.testing import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                       max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler)
+
+
+def build_components(cfg) -> dict:
+    if cfg["kind"] == "tiny":
+        from diffusers import DDPMScheduler
+
+        from lcm_kit.testing import tiny_sd_components
+
+        components = tiny_sd_components("sd1")
+        components["scheduler"] = DDPMScheduler.from_config(components["scheduler"].config)
+        return components
+    return sd15_shaped_components()
+
+
+def make_args(cfg):
+    from lcm_kit.training.args import build_lcm_lora_parser
+
+    return build_lcm_lora_parser().parse_args([
+        "--pretrained_teacher_model", "random-weights", "--dataset_name", "unused", "--output_dir", "unused",
+        "--resolution", str(cfg["resolution"]), "--train_batch_size", str(cfg["batch_size"]),
+        "--lora_rank", str(cfg["rank"]), "--lora_alpha", str(cfg["rank"]), "--report_to", "none",
+        "--mixed_precision", cfg["mixed_precision"],
+    ])
+
+
+def make_batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, r = cfg["batch_size"], cfg["resolution"]
+    captions = [f"a photograph of object number {i} on a table, studio light" for i in range(n)]
+    return {"pixel_values": torch.rand(n, 3, r, r, generator=g) * 2 - 1, "captions": captions}
+
+
+class LcmKitStep:
+    """The trainer's step exactly as ``run_training`` drives it (prepared module, accelerator.backward)."""
+
+    name = "lcm-kit"
+
+    def __init__(self, cfg, accelerator):
+        from lcm_kit.training.lcm_distill import LCMDistillation
+
+        self.accelerator = accelerator
+        self.objective = LCMDistillation(make_args(cfg), accelerator, "lora", components=build_components(cfg))
+        params = self.objective.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=1e-6)
+        unet, self.optimizer = accelerator.prepare(self.objective.unet, self.optimizer)
+        self.objective.set_prepared_modules([unet])
+        # --cache_latents --cache_text_embeddings: the batch arrives encoded
+        raw = make_batch(cfg)
+        self.batch = {"latents": self.objective.encode_images(raw["pixel_values"]).cpu(),
+                      **{k: v.cpu() for k, v in self.objective.encode_prompts(raw["captions"]).items()}}
+
+    def step(self, i):
+        batch = {k: v.to(self.accelerator.device) for k, v in self.batch.items()}
+        generator = torch.Generator(self.accelerator.device).manual_seed(i)
+        loss, _ = self.objective.compute_loss(batch, i, generator)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+class ReferenceStep:
+    """diffusers' formulation: fp32 student base + LoRA, separate teacher copy, two teacher forwards, VAE and text
+    encoder every step."""
+
+    name = "reference"
+
+    def __init__(self, cfg, accelerator):
+        import copy
+
+        from lcm_kit.lora import add_lcm_lora
+        from lcm_kit.training.lcm_distill import config_from_args
+        from lcm_kit.training.loop import weight_dtype_for
+
+        args = make_args(cfg)
+        components = build_components(cfg)
+        device, self.dtype = accelerator.device, weight_dtype_for(accelerator)
+        self.accelerator, self.device = accelerator, device
+        self.tokenizer = components["tokenizer"]
+        self.vae = components["vae"].requires_grad_(False).to(device)  # fp32, as the reference keeps it
+        self.text_encoder = components["text_encoder"].requires_grad_(False).to(device, self.dtype)
+        self.teacher = copy.deepcopy(components["unet"]).requires_grad_(False).to(device, self.dtype)
+        student = components["unet"].requires_grad_(False).to(device)  # fp32 base
+        self.unet = add_lcm_lora(student, args.lora_rank, args.lora_alpha, 0.0,
+                                 [t for t in args.lora_target_modules.split(",")])
+        self.scaling = self.vae.config.scaling_factor
+        sched = components["scheduler"]
+        self.config = config_from_args(args, sched.config.prediction_type, sched.config.num_train_timesteps)
+        self.alphas = sched.alphas_cumprod.to(device, torch.float32)
+        self.optimizer = torch.optim.AdamW([p for p in self.unet.parameters() if p.requires_grad], lr=1e-6)
+        self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
+        self.raw = make_batch(cfg)
+        with torch.no_grad():
+            self.uncond = self._encode([""])
+
+    def _encode(self, captions):
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def step(self, i):
+        from lcm_kit.consistency import sample_uniform
+        from lcm_kit.training.lcm_distill import lcm_distillation_loss, sample_skip_timesteps
+
+        generator = torch.Generator(self.device).manual_seed(i)
+        pixel_values = self.raw["pixel_values"].to(self.device)
+        with torch.no_grad():
+            latents = self.vae.encode(pixel_values).latent_dist.sample(generator) * self.scaling
+            embeds = self._encode(self.raw["captions"])
+        n = latents.shape[0]
+        start, prev = sample_skip_timesteps(n, self.config, generator, self.device)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        w = sample_uniform(self.config.w_min, self.config.w_max, n, generator=generator, device=self.device)
+        uncond = self.uncond.expand(n, -1, -1)
+
+        def student(x, t):
+            with self.accelerator.autocast():
+                return self.unet(x, t, encoder_hidden_states=embeds).sample
+
+        def teacher(x, t):  # two forwards
+            with self.accelerator.autocast():
+                cond = self.teacher(x.to(self.dtype), t, encoder_hidden_states=embeds.to(self.dtype)).sample
+                unc = self.teacher(x.to(self.dtype), t, encoder_hidden_states=uncond.to(self.dtype)).sample
+            return cond.float(), unc.float()
+
+        def target(x, t):
+            with self.accelerator.autocast():
+                return self.unet(x, t, encoder_hidden_states=embeds).sample.float()
+
+        out = lcm_distillation_loss(latents, noise, start, prev, w, student, teacher, target, self.alphas,
+                                    self.config)
+        self.accelerator.backward(out.loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+
+VARIANTS = {"lcm-kit": LcmKitStep, "reference": ReferenceStep}
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cfg["device"] == "cpu")
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(cfg, warmup: int, steps: int) -> dict:
+    """Build both variants (for CUDA, one at a time for its memory), then time them interleaved."""
+    accelerator = make_accelerator(cfg)
+    device = cfg["device"]
+    variants, memory = {}, {}
+    for name, cls in VARIANTS.items():
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            variant = cls(cfg, accelerator)
+            for i in range(2):
+                variant.step(i)
+            _sync(device)
+            memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**30
+            # measured alone; freed before the other variant is built, rebuilt for timing below
+            del variant
+            gc.collect()
+            torch.cuda.empty_cache()
+    for name, cls in VARIANTS.items():
+        if device == "cuda":
+            continue
+        variants[name] = cls(cfg, accelerator)
+    times = {name: [] for name in VARIANTS}
+    if device == "cuda":
+        # GPU: each variant alone in memory (an 860M UNet pair does not leave room for both comfortably)
+        for name, cls in VARIANTS.items():
+            variant = cls(cfg, accelerator)
+            for i in range(warmup):
+                variant.step(i)
+            _sync(device)
+            for i in range(steps):
+                start = time.perf_counter()
+                variant.step(warmup + i)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+            del variant
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        for i in range(warmup):
+            for variant in variants.values():
+                variant.step(i)
+        for i in range(steps):
+            for name, variant in variants.items():
+                start = time.perf_counter()
+                variant.step(warmup + i)
+                times[name].append(time.perf_counter() - start)
+    result = {}
+    for name, values in times.items():
+        values = sorted(values)
+        result[name] = {"ms_median": 1000 * values[len(values) // 2], "ms_mean": 1000 * sum(values) / len(values)}
+        if name in memory:
+            result[name]["peak_gib"] = memory[name]
+    return result
+
+
+def child_peak_rss(cfg_name: str, variant: str, steps: int = 3) -> float:
+    """Peak RSS (GiB) added by building and running one variant, in a fresh child process (RSS sampled every
+    millisecond by a thread, minus the RSS after imports)."""
+    code = (
+        "import sys, threading, time, json, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import bench_train_step as b\n"
+        f"cfg = b.CONFIGS[{cfg_name!r}]\n"
+        "torch.set_num_threads(1)\n"
+        "acc = b.make_accelerator(cfg)\n"
+        "import lcm_kit.training.lcm_distill, lcm_kit.lora, lcm_kit.testing, lcm_kit.pipelines\n"
+        "page = __import__('os').sysconf('SC_PAGE_SIZE')\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * page\n"
+        "base, peak, done = rss(), [0], []\n"
+        "def sample():\n"
+        "    while not done:\n"
+        "        peak[0] = max(peak[0], rss()); time.sleep(0.001)\n"
+        "t = threading.Thread(target=sample); t.start()\n"
+        f"v = b.VARIANTS[{variant!r}](cfg, acc)\n"
+        f"[v.step(i) for i in range({steps})]\n"
+        "done.append(1); t.join(); peak[0] = max(peak[0], rss())\n"
+        "print(json.dumps((peak[0] - base) / 2**30))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=str, default=None, help="Also write the figures to this JSON file.")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config]
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--config gpu needs a CUDA device.")
+    result = time_interleaved(cfg, args.warmup, args.steps)
+    if cfg["device"] == "cpu":
+        for name in VARIANTS:
+            result[name]["peak_gib"] = child_peak_rss(args.config, name)
+    import accelerate
+    import diffusers
+    import peft
+
+    card = torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"{_cpu_name()} " \
+        f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    report = {
+        "config": args.config, **cfg, "device_name": card, "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
+        "peft": peft.__version__, "steps": args.steps, "warmup": args.warmup, "results": result,
+        "time_ratio": result["lcm-kit"]["ms_median"] / result["reference"]["ms_median"],
+        "memory_ratio": result["lcm-kit"]["peak_gib"] / result["reference"]["peak_gib"],
+    }
+    print(f"{args.config}: {card}; torch {torch.__version__}, diffusers {diffusers.__version__}")
+    for name, figures in result.items():
+        print(f"  {name:10s} {figures['ms_median']:9.1f} ms/step (median; mean {figures['ms_mean']:.1f})"
+              f"   peak {figures['peak_gib'] * 1024:8.1f} MiB")
+    print(f"  ratio lcm-kit / reference: time {report['time_ratio']:.2f}x, peak memory {report['memory_ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Latent consistency distillation: the step against closed forms, and the objective on the tiny kit (in process).
+
+Closed form used throughout: for data x0 ~ N(mu, s^2) (per element) and x_t = sqrt(a) x0 + sqrt(1 - a) eps,
+
+* the exact denoiser is E[x0 | x_t] = mu + sqrt(a) s^2 / (a s^2 + 1 - a) (x_t - sqrt(a) mu);
+* the probability-flow ODE keeps (x_t / sqrt(a) - mu) / sqrt(s^2 + sigma^2) constant (sigma^2 = (1 - a) / a),
+  so the trajectory from t to t' and hence the ideal consistency function f(x_t, t) = Phi(x_t; t -> 0) are exact.
+
+The formulas are written out here independently of lcm_kit.consistency.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lcm_kit.training.lcm_distill import (
+    LCMDistillation,
+    LCMDistillationConfig,
+    consistency_function,
+    lcm_distillation_loss,
+    sample_skip_timesteps,
+)
+
+MU, S = 0.3, 0.6
+ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: one intra-op thread is several times faster than two fighting other processes.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _a(t):
+    return ALPHAS[t].reshape(-1, *([1] * 3))
+
+
+def exact_x0(x, t):
+    a = _a(t)
+    return MU + a.sqrt() * S**2 / (a * S**2 + 1 - a) * (x - a.sqrt() * MU)
+
+
+def exact_output(x, t, prediction_type, x0=None):
+    """The model output of the exact teacher (or of any x0 prediction) under a prediction type."""
+    a = _a(t)
+    x0 = exact_x0(x, t) if x0 is None else x0
+    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def ode_flow(x, t, t_to):
+    """Exact PF-ODE map x_t -> x_{t_to} for Gaussian data."""
+    a, a_to = _a(t), _a(t_to)
+    sig2, sig2_to = (1 - a) / a, (1 - a_to) / a_to
+    return a_to.sqrt() * (MU + (x / a.sqrt() - MU) * ((S**2 + sig2_to) / (S**2 + sig2)).sqrt())
+
+
+def ideal_consistency_output(x, t, prediction_type, scaling=10.0):
+    """The model output whose LCM-parameterised consistency function is the exact ODE endpoint Phi(x; t -> 0)."""
+    target = ode_flow(x, t, torch.zeros_like(t))
+    tt = (t.double() * scaling).reshape(-1, 1, 1, 1)
+    c_skip, c_out = 0.25 / (tt**2 + 0.25), tt / (tt**2 + 0.25).sqrt()
+    x0 = torch.where(c_out > 0, (target - c_skip * x) / c_out.clamp(min=1e-30), exact_x0(x, t))
+    return exact_output(x, t, prediction_type, x0=x0)
+
+
+def gaussian_latents(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (MU + S * torch.randn(n, 4, 2, 2, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_solver_step_converges_to_the_exact_ode_at_its_order(prediction_type):
+    """The guided-teacher skip step vs the closed-form trajectory, for step sizes k = 40, 20, 10: DDIM == Euler (the
+    same move for VP models) with local error O(k^2) (halving k divides it by ~4), Heun O(k^3) (~8)."""
+    x0 = gaussian_latents()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    w = torch.full((x0.shape[0],), 3.0)
+
+    def teacher(x, t):  # cond == uncond (both exact): the guidance weight leaves x0 unchanged
+        out = exact_output(x.double(), t, prediction_type).float()
+        return out, out
+
+    def student(x, t):
+        return teacher(x, t)[0]
+
+    errors = {}
+    for skip in (40, 20, 10):
+        start = torch.full((x0.shape[0],), 499)
+        for solver in ("ddim", "euler", "heun"):
+            config = LCMDistillationConfig(prediction_type=prediction_type, solver=solver)
+            out = lcm_distillation_loss(x0, noise, start, start - skip, w, student, teacher, student, ALPHAS.float(),
+                                        config)
+            exact = ode_flow(out.noisy_latents.double(), start, start - skip)
+            errors[skip, solver] = (out.solver_latents.double() - exact).abs().mean().item()
+            errors[skip, solver, "moved"] = (exact - out.noisy_latents.double()).abs().mean().item()
+    for skip in (40, 20, 10):
+        assert errors[skip, "euler"] == pytest.approx(errors[skip, "ddim"], rel=1e-2)
+        assert errors[skip, "ddim"] < 0.05 * errors[skip, "ddim", "moved"]
+        assert errors[skip, "heun"] < 0.2 * errors[skip, "ddim"]
+    for big, small in ((40, 20), (20, 10)):
+        assert 3.0 < errors[big, "ddim"] / errors[small, "ddim"] < 5.5, errors
+        assert 6.0 < errors[big, "heun"] / errors[small, "heun"] < 12.0, errors
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("solver", ["ddim", "heun"])
+def test_training_target_is_the_exact_consistency_function(prediction_type, solver):
+    """With the exact teacher and the ideal consistency model as target network, the training target
+    f_target(x_hat_{t_n}, t_n) equals the exact ODE endpoint Phi(x_{t_{n+k}}; -> 0) up to solver error; the ideal
+    student's loss is ~0 while the teacher used as student (not a consistency function) has a large loss."""
+    config = LCMDistillationConfig(prediction_type=prediction_type, solver=solver, loss_type="l2")
+    x0 = gaussian_latents(seed=2)
+    g = torch.Generator().manual_seed(3)
+    start, prev = sample_skip_timesteps(x0.shape[0], config, g)
+    assert set(prev.tolist()) <= set((start - 20).clamp(min=0).tolist())
+    noise = torch.randn(x0.shape, generator=g)
+    w = torch.rand(x0.shape[0], generator=g) * 10 + 5
+    alphas = ALPHAS.float()
+
+    def teacher(x, t):
+        out = exact_output(x.double(), t, prediction_type).float()
+        return out, out
+
+    def ideal(x, t):
+        return ideal_consistency_output(x.double(), t, prediction_type).float()
+
+    out = lcm_distillation_loss(x0, noise, start, prev, w, ideal, teacher, ideal, alphas, config)
+    endpoint = ode_flow(out.noisy_latents.double(), start, torch.zeros_like(start))
+    torch.testing.assert_close(out.prediction.double(), endpoint, atol=2e-4, rtol=0)  # the parameterisation
+    # The target is the ideal consistency function at the solver's point (exactly, up to float32)...
+    at_solver_point = ode_flow(out.solver_latents.double(), prev, torch.zeros_like(prev))
+    torch.testing.assert_close(out.target.double(), at_solver_point, atol=2e-4, rtol=0)
+    # ...hence the exact endpoint up to the solver's error, far below the teacher-as-student error.
+    wrong = lcm_distillation_loss(x0, noise, start, prev, w, lambda x, t: teacher(x, t)[0], teacher, ideal,
+                                  alphas, config)
+    target_error = (out.target.double() - endpoint).abs().mean()
+    wrong_error = (wrong.prediction.double() - endpoint).abs().mean()
+    assert target_error < (0.05 if solver == "ddim" else 0.005) * wrong_error, (target_error, wrong_error)
+    assert out.loss < 1e-2 * wrong.loss, (out.loss, wrong.loss)
+
+
+def test_guidance_uses_lcm_convention_in_x0_space():
+    """x0 = cond + w (cond - uncond) with distinct cond/uncond teachers (checked through one DDIM step)."""
+    config = LCMDistillationConfig(prediction_type="epsilon", solver="ddim")
+    x0 = gaussian_latents(8, seed=4)
+    start = torch.full((8,), 499)
+    prev = start - 20
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    w = torch.linspace(5, 15, 8)
+    shift = 0.2
+
+    def teacher(x, t):
+        cond = exact_output(x.double(), t, "epsilon").float()
+        uncond = exact_output(x.double(), t, "epsilon", x0=exact_x0(x.double(), t) + shift).float()
+        return cond, uncond
+
+    out = lcm_distillation_loss(x0, noise, start, prev, w, lambda x, t: teacher(x, t)[0], teacher,
+                                lambda x, t: teacher(x, t)[0], ALPHAS.float(), config)
+    noisy = out.noisy_latents.double()
+    guided_x0 = exact_x0(noisy, start) - w.double().reshape(-1, 1, 1, 1) * shift  # c + w (c - (c + shift))
+    a_t, a_p = _a(start), _a(prev)
+    eps = (noisy - a_t.sqrt() * guided_x0) / (1 - a_t).sqrt()
+    torch.testing.assert_close(out.solver_latents.double(), a_p.sqrt() * guided_x0 + (1 - a_p).sqrt() * eps,
+                               atol=1e-4, rtol=0)
+
+
+def test_consistency_function_is_identity_at_zero_and_matches_the_scheduler():
+    from lcm_kit.schedulers import ConsistencyScheduler
+
+    sched = ConsistencyScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    alphas = sched.alphas_cumprod.float()
+    x = torch.randn(3, 4, 2, 2)
+    out = torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 0, 0])
+    torch.testing.assert_close(consistency_function(out, x, t, alphas, "epsilon"), x)
+    sched.set_timesteps(4)
+    t = sched.timesteps[:1]
+    ours = consistency_function(out[:1], x[:1], t.repeat(1), alphas, "epsilon")
+    ref = sched.step(out[:1], t[0], x[:1]).denoised
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="solver"):
+        LCMDistillationConfig(solver="rk4")
+    with pytest.raises(ValueError, match="w_min"):
+        LCMDistillationConfig(w_min=9, w_max=3)
+    with pytest.raises(ValueError, match="prediction_type"):
+        LCMDistillationConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="num_ddim_timesteps"):
+        LCMDistillationConfig(num_ddim_timesteps=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective on the tiny kit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_args(mode="lora", **overrides):
+    from lcm_kit.training.args import build_lcm_lora_parser, build_lcm_parser
+
+    parser = build_lcm_lora_parser() if mode == "lora" else build_lcm_parser()
+    args = parser.parse_args(["--pretrained_teacher_model", "tiny", "--dataset_name", "unused", "--output_dir",
+                              "unused", "--resolution", "32", "--report_to", "none", "--lora_rank", "4"]
+                             if mode == "lora" else
+                             ["--pretrained_teacher_model", "tiny", "--dataset_name", "unused", "--output_dir",
+                              "unused", "--resolution", "32", "--report_to", "none",
+                              "--unet_time_cond_proj_dim", "32"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def make_objective(mode="lora", kind="sd1", mixed_precision="no", **overrides):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lcm_kit.testing import tiny_sd_components
+
+    args = make_args(mode, **overrides)
+    AcceleratorState._reset_state(reset_partial_state=True)  # each test its own precision
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    torch.manual_seed(0)
+    components = tiny_sd_components(kind)
+    components["scheduler"] = DDPMScheduler.from_config(components["scheduler"].config)
+    objective = LCMDistillation(args, accelerator, mode=mode, components=components)
+    objective.set_prepared_modules([objective.unet])
+    return objective, components
+
+
+def fixed_batch(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, "captions": ["a red cube", "a cat"][:n]}
+
+
+def _randomize_lora(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_lora_teacher_is_the_base_with_the_adapter_disabled_in_one_batched_forward():
+    """The LoRA objective keeps ONE UNet; the teacher's cond+uncond run as one forward of 2B through the base
+    weights (== the original teacher, adapter off), and a DDIM step costs exactly 3 UNet calls."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm_kit.testing import tiny_unet
+
+    objective, _ = make_objective("lora")
+    reference_teacher = tiny_unet("sd1")  # same seed as tiny_sd_components: the untouched teacher
+    _randomize_lora(objective.unet)
+    unets = {id(m) for m in vars(objective).values() if isinstance(m, UNet2DConditionModel)}
+    assert unets == {id(objective.unet)} and objective.teacher_unet is None
+
+    calls = []
+    original_forward = objective.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, **kwargs):
+        out = original_forward(sample, timestep, encoder_hidden_states, **kwargs)
+        active = any(m.disable_adapters is False for m in objective.unet.modules() if hasattr(m, "disable_adapters")
+                     and isinstance(m.disable_adapters, bool))
+        calls.append((sample.shape[0], active, sample.detach().clone(), timestep.clone(),
+                      encoder_hidden_states.detach().clone(), out.sample.detach().clone()))
+        return out
+
+    objective.unet.forward = spy
+    batch = fixed_batch()
+    loss, _ = objective.compute_loss(batch, 0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert [(c[0], c[1]) for c in calls] == [(2, True), (4, False), (2, True)]
+    _, _, x, t, embeds, out = calls[1]
+    with torch.no_grad():
+        expected = reference_teacher(x, t, encoder_hidden_states=embeds).sample
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds[2:], objective.uncond_embeds.expand(2, -1, -1))  # empty-prompt uncond half
+
+
+def test_heun_costs_one_more_teacher_call():
+    objective, _ = make_objective("lora", solver="heun")
+    count = []
+    forward = objective.unet.forward
+    objective.unet.forward = lambda *a, **k: count.append(a[0].shape[0]) or forward(*a, **k)
+    objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    assert count == [2, 4, 4, 2]
+
+
+def test_lora_mixed_precision_keeps_frozen_base_low_precision_and_adapter_fp32():
+    objective, _ = make_objective("lora", mixed_precision="bf16")
+    dtypes = {(("lora_" in n), p.dtype) for n, p in objective.unet.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    assert all(p.requires_grad == ("lora_" in n) for n, p in objective.unet.named_parameters())
+    assert next(objective.text_encoder.parameters()).dtype == torch.bfloat16
+    loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad for n, p in objective.unet.named_parameters() if "lora_" in n]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    objective, _ = make_objective("lora", lora_rank=8)
+    optimizer = torch.optim.AdamW(objective.trainable_parameters(), lr=3e-3)
+    batch = fixed_batch()
+    losses = []
+    for _ in range(25):
+        loss, _ = objective.compute_loss(batch, 0, torch.Generator().manual_seed(0))  # same draws every step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_full_student_starts_as_the_teacher_and_ema_target_follows(kind):
+    """Full mode: the student has the w-embedding input, is initialised to the teacher exactly (zero guidance
+    projection) and the EMA target moves by (1 - decay) toward it after each optimiser step."""
+    objective, components = make_objective("full", kind=kind, ema_decay=0.9)
+    assert objective.config.prediction_type == ("v_prediction" if kind == "sd2" else "epsilon")
+    assert objective.unet.config.time_cond_proj_dim == 32 and objective.teacher_unet.config.time_cond_proj_dim is None
+    g = torch.Generator().manual_seed(0)
+    x, t, e = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999, 259]), torch.randn(2, 77, 32, generator=g)
+    w_emb = torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(objective.unet(x, t, e, timestep_cond=w_emb).sample,
+                                   objective.teacher_unet(x, t, e).sample, atol=1e-5, rtol=1e-5)
+    before = [p.detach().clone() for p in objective.target_unet.parameters()]
+    optimizer = torch.optim.SGD(objective.trainable_parameters(), lr=1e-2)
+    loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    loss.backward()
+    optimizer.step()
+    objective.after_optimizer_step(0)
+    for old, new, student in zip(before, objective.target_unet.parameters(), objective.unet.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * student.detach(), atol=1e-6, rtol=1e-6)
+    assert any(not torch.equal(o, n) for o, n in zip(before, objective.target_unet.parameters()))
+
+
+def test_checkpoint_state_round_trip_holds_only_what_is_trained():
+    objective, _ = make_objective("lora")
+    _randomize_lora(objective.unet, seed=1)
+    state = {k: v.clone() for k, v in objective.checkpoint_state().items()}
+    assert state and all("lora_" in k for k in state)
+    other, _ = make_objective("lora")
+    other.load_checkpoint_state(state)
+    for k, v in other.checkpoint_state().items():
+        torch.testing.assert_close(v, state[k], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_checkpoint_state({k: v for k, v in list(state.items())[1:]})
+
+
+def test_cached_posterior_gives_the_same_loss_as_pixels():
+    """``--cache_latents`` stores the VAE posterior; sampling it with the step generator reproduces the uncached
+    step's latents, so cached and uncached training see the same data."""
+    objective, _ = make_objective("lora")
+    batch = fixed_batch()
+    direct, _ = objective.compute_loss(batch, 0, torch.Generator().manual_seed(7))
+    cached_batch = {"latents": objective.encode_images(batch["pixel_values"]),
+                    **objective.encode_prompts(batch["captions"])}
+    cached, _ = objective.compute_loss(cached_batch, 0, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(cached, direct, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_fingerprint_changes_with_the_encoders():
+    objective, _ = make_objective("lora")
+    first = objective.cache_fingerprint()
+    assert first == objective.cache_fingerprint()
+    with torch.no_grad():
+        next(objective.vae.parameters()).add_(1e-3)
+    assert objective.cache_fingerprint() != first
+
+
+def test_proportion_empty_prompts_replaces_captions_with_the_unconditional_embedding():
+    objective, _ = make_objective("lora", proportion_empty_prompts=1.0)
+    seen = []
+    forward = objective.unet.forward
+    objective.unet.forward = lambda s, t, **k: seen.append(k["encoder_hidden_states"].clone()) or forward(s, t, **k)
+    objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[0], objective.uncond_embeds.expand(2, -1, -1))
