@@ -183,7 +183,13 @@ def run_generate(args: argparse.Namespace) -> int:
 # entry point
 # --------------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_generate_parser]
+def _add_eval_parser(subparsers) -> None:
+    from lcm_kit.eval.cli import add_eval_parser  # argparse only at import time; torch stays lazy
+
+    add_eval_parser(subparsers)
+
+
+SUBCOMMANDS = [add_generate_parser, _add_eval_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
