@@ -13,6 +13,8 @@ _EXPORTS = {
     "ConsistencyScheduler": "lcm_kit.schedulers",
     "ConsistencySchedulerOutput": "lcm_kit.schedulers",
     "LCMPipeline": "lcm_kit.pipelines",
+    "CMMultistepScheduler": "lcm_kit.schedulers",
+    "CMPipeline": "lcm_kit.pipelines",
     "add_lcm_lora": "lcm_kit.lora",
     "save_lora_weights": "lcm_kit.lora",
     "load_lora_weights_strict": "lcm_kit.lora",
