@@ -2,8 +2,11 @@
 
 * **lcm-kit** (``LCMDistillation``, the code ``train_lcm_lora.py`` runs): one UNet; the teacher is the same frozen
   base with the adapter disabled; teacher cond + uncond in ONE batched forward; frozen weights in the
-  mixed-precision dtype, adapter fp32; latents and text embeddings from the encoded cache
-  (``--cache_latents --cache_text_embeddings``: the batch holds the VAE posterior and the prompt embeddings).
+  mixed-precision dtype, adapter fp32; the student and target forwards run each LoRA layer fused as ONE op with
+  ``W + s·B·A`` (``lcm_kit.lora.fused_lora_forward``; the trainer's default whenever ``--lora_dropout`` is 0);
+  latents and text embeddings from the encoded cache (``--cache_latents --cache_text_embeddings``: the batch holds
+  the VAE posterior and the prompt embeddings). ``--torch_compile`` adds a third row: the same step with the
+  trainer's ``--torch_compile`` (its first step, the compile, is reported apart).
 * **reference** (diffusers' ``train_lcm_distill_lora_sd_wds.py`` formulation): a separate fp32 student base with
   the adapter, a separate teacher copy (in the mixed-precision dtype), two teacher forwards (cond, then uncond),
   and the VAE and the text encoder run on every step. Same math (``lcm_distillation_loss``), so only the
@@ -16,6 +19,7 @@ imports.
 
     python benchmarks/bench_train_step.py                 # CPU tiny config (tiny SD1-shaped kit, 32^2, batch 8, r 8)
     python benchmarks/bench_train_step.py --config gpu    # SD1.5-shaped random weights, 512^2, batch 8, fp16, r 64
+    python benchmarks/bench_train_step.py --threads 1 --torch_compile --no_peak_memory   # + the compiled trainer
 """
 
 from __future__ import annotations
@@ -82,14 +86,14 @@ def build_components(cfg) -> dict:
     return sd15_shaped_components()
 
 
-def make_args(cfg):
+def make_args(cfg, torch_compile: bool = False):
     from lcm_kit.training.args import build_lcm_lora_parser
 
     return build_lcm_lora_parser().parse_args([
         "--pretrained_teacher_model", "random-weights", "--dataset_name", "unused", "--output_dir", "unused",
         "--resolution", str(cfg["resolution"]), "--train_batch_size", str(cfg["batch_size"]),
         "--lora_rank", str(cfg["rank"]), "--lora_alpha", str(cfg["rank"]), "--report_to", "none",
-        "--mixed_precision", cfg["mixed_precision"],
+        "--mixed_precision", cfg["mixed_precision"], *(["--torch_compile"] if torch_compile else []),
     ])
 
 
@@ -104,12 +108,16 @@ class LcmKitStep:
     """The trainer's step exactly as ``run_training`` drives it (prepared module, accelerator.backward)."""
 
     name = "lcm-kit"
+    torch_compile = False
 
     def __init__(self, cfg, accelerator):
         from lcm_kit.training.lcm_distill import LCMDistillation
 
         self.accelerator = accelerator
-        self.objective = LCMDistillation(make_args(cfg), accelerator, "lora", components=build_components(cfg))
+        self.objective = LCMDistillation(make_args(cfg, self.torch_compile), accelerator, "lora",
+                                         components=build_components(cfg))
+        # what the trainer decided (fused LoRA needs lora_dropout 0, the default; see lcm_kit.lora.fused_lora_forward)
+        self.fused_lora = (self.objective.fuse_student_lora, self.objective.fuse_target_lora)
         params = self.objective.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=1e-6)
         unet, self.optimizer = accelerator.prepare(self.objective.unet, self.optimizer)
@@ -205,7 +213,35 @@ class ReferenceStep:
         return out.loss.detach()
 
 
+class LcmKitCompiledStep(LcmKitStep):
+    """The same trainer step with ``--torch_compile`` (opt-in; its first step, the compile, is reported apart)."""
+
+    name = "lcm-kit --torch_compile"
+    torch_compile = True
+
+
+class LcmKitUnfusedStep(LcmKitStep):
+    """The trainer step with peft's unfused LoRA forward everywhere (lcm-kit before the fused forward)."""
+
+    name = "lcm-kit peft-unfused"
+    fusion = (False, False)
+
+    def __init__(self, cfg, accelerator):
+        super().__init__(cfg, accelerator)
+        self.objective.fuse_student_lora, self.objective.fuse_target_lora = self.fusion
+        self.fused_lora = self.fusion
+
+
+class LcmKitTargetFusedStep(LcmKitUnfusedStep):
+    """Fused LoRA only in the no-grad target forward (the student keeps peft's forward: no fused weights saved for
+    backward, the GPU memory-saving choice if the fused student costs too much memory)."""
+
+    name = "lcm-kit fused-target-only"
+    fusion = (False, True)
+
+
 VARIANTS = {"lcm-kit": LcmKitStep, "reference": ReferenceStep}
+FUSION_VARIANTS = {LcmKitUnfusedStep.name: LcmKitUnfusedStep, LcmKitTargetFusedStep.name: LcmKitTargetFusedStep}
 
 
 def make_accelerator(cfg):
@@ -219,12 +255,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_interleaved(cfg, warmup: int, steps: int) -> dict:
-    """Build both variants (for CUDA, one at a time for its memory), then time them interleaved."""
+def time_interleaved(cfg, warmup: int, steps: int, variant_classes=None) -> dict:
+    """Build the variants (for CUDA, one at a time for its memory), then time them interleaved. The first step of
+    each variant is timed on its own (``first_step_s``: for ``--torch_compile`` the compile)."""
+    variant_classes = variant_classes or VARIANTS
     accelerator = make_accelerator(cfg)
     device = cfg["device"]
-    variants, memory = {}, {}
-    for name, cls in VARIANTS.items():
+    variants, memory, first_step = {}, {}, {}
+    for name, cls in variant_classes.items():
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -238,16 +276,23 @@ def time_interleaved(cfg, warmup: int, steps: int) -> dict:
             del variant
             gc.collect()
             torch.cuda.empty_cache()
-    for name, cls in VARIANTS.items():
+    for name, cls in variant_classes.items():
         if device == "cuda":
             continue
         variants[name] = cls(cfg, accelerator)
-    times = {name: [] for name in VARIANTS}
+        start = time.perf_counter()
+        variants[name].step(0)
+        first_step[name] = time.perf_counter() - start
+    times = {name: [] for name in variant_classes}
     if device == "cuda":
         # GPU: each variant alone in memory (an 860M UNet pair does not leave room for both comfortably)
-        for name, cls in VARIANTS.items():
+        for name, cls in variant_classes.items():
             variant = cls(cfg, accelerator)
-            for i in range(warmup):
+            start = time.perf_counter()
+            variant.step(0)
+            _sync(device)
+            first_step[name] = time.perf_counter() - start
+            for i in range(1, warmup):
                 variant.step(i)
             _sync(device)
             for i in range(steps):
@@ -259,7 +304,7 @@ def time_interleaved(cfg, warmup: int, steps: int) -> dict:
             gc.collect()
             torch.cuda.empty_cache()
     else:
-        for i in range(warmup):
+        for i in range(1, warmup):
             for variant in variants.values():
                 variant.step(i)
         for i in range(steps):
@@ -270,7 +315,8 @@ def time_interleaved(cfg, warmup: int, steps: int) -> dict:
     result = {}
     for name, values in times.items():
         values = sorted(values)
-        result[name] = {"ms_median": 1000 * values[len(values) // 2], "ms_mean": 1000 * sum(values) / len(values)}
+        result[name] = {"ms_median": 1000 * values[len(values) // 2], "ms_mean": 1000 * sum(values) / len(values),
+                        "first_step_s": first_step[name]}
         if name in memory:
             result[name]["peak_gib"] = memory[name]
     return result
@@ -321,6 +367,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=str, default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="Also time lcm-kit with the trainer's --torch_compile (compile time reported apart).")
+    parser.add_argument("--compare_fusion", action="store_true",
+                        help="Also time lcm-kit with peft's unfused LoRA, and with only the target forward fused.")
+    parser.add_argument("--no_peak_memory", action="store_true", help="Skip the CPU peak-RSS child processes.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -328,8 +379,13 @@ def main(argv=None):
     cfg = CONFIGS[args.config]
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--config gpu needs a CUDA device.")
-    result = time_interleaved(cfg, args.warmup, args.steps)
-    if cfg["device"] == "cpu":
+    variant_classes = dict(VARIANTS)
+    if args.compare_fusion:
+        variant_classes.update(FUSION_VARIANTS)
+    if args.torch_compile:
+        variant_classes[LcmKitCompiledStep.name] = LcmKitCompiledStep
+    result = time_interleaved(cfg, args.warmup, args.steps, variant_classes)
+    if cfg["device"] == "cpu" and not args.no_peak_memory:
         for name in VARIANTS:
             result[name]["peak_gib"] = child_peak_rss(args.config, name)
     import accelerate
@@ -343,13 +399,23 @@ def main(argv=None):
         "torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
         "peft": peft.__version__, "steps": args.steps, "warmup": args.warmup, "results": result,
         "time_ratio": result["lcm-kit"]["ms_median"] / result["reference"]["ms_median"],
-        "memory_ratio": result["lcm-kit"]["peak_gib"] / result["reference"]["peak_gib"],
+        "memory_ratio": (result["lcm-kit"]["peak_gib"] / result["reference"]["peak_gib"]
+                         if "peak_gib" in result["reference"] else None),
+        "load_average": os.getloadavg(),
     }
+    report["time_ratios"] = {name: figures["ms_median"] / result["reference"]["ms_median"]
+                             for name, figures in result.items() if name != "reference"}
     print(f"{args.config}: {card}; torch {torch.__version__}, diffusers {diffusers.__version__}")
     for name, figures in result.items():
-        print(f"  {name:10s} {figures['ms_median']:9.1f} ms/step (median; mean {figures['ms_mean']:.1f})"
-              f"   peak {figures['peak_gib'] * 1024:8.1f} MiB")
-    print(f"  ratio lcm-kit / reference: time {report['time_ratio']:.2f}x, peak memory {report['memory_ratio']:.2f}x")
+        peak = f"   peak {figures['peak_gib'] * 1024:8.1f} MiB" if "peak_gib" in figures else ""
+        print(f"  {name:24s} {figures['ms_median']:9.1f} ms/step (median; mean {figures['ms_mean']:.1f})"
+              f"{peak}   first step {figures['first_step_s']:.1f} s")
+    memory = f", peak memory {report['memory_ratio']:.2f}x" if report["memory_ratio"] is not None else ""
+    print(f"  ratio lcm-kit / reference: time {report['time_ratio']:.2f}x{memory}")
+    for name, ratio in report["time_ratios"].items():
+        if name != "lcm-kit":
+            print(f"  ratio {name} / reference: time {ratio:.2f}x")
+    print(f"  load average {report['load_average']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

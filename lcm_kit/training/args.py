@@ -161,6 +161,9 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
     group.add_argument("--validation_guidance_scale", type=float, default=None,
                        help="Guidance of the 4-step validation images (default 1.0 for LoRA, 8.0 for full).")
     group.add_argument("--validation_num_inference_steps", type=_positive_int, default=4)
+    group.add_argument("--torch_compile", action="store_true",
+                       help="torch.compile the UNet(s) (opt-in: minutes of compile before the faster steps; "
+                            "see benchmarks/RESULTS.md).")
 
 
 def _lcm_lora_target_modules() -> tuple[str, ...]:
