@@ -704,6 +704,20 @@ def load_train_dataset(
     return TarShardSource(shards, image_column, caption_column, max_train_samples)
 
 
+def load_train_dataset_from_args(args) -> "TextImageSource":
+    """:func:`load_train_dataset` from the parsed data flags of :func:`lcm_kit.training.args.add_data_args`
+    (``--dataset_name``, ``--train_shards_path_or_url``, columns, ``--max_train_samples``, ``--cache_dir``)."""
+    return load_train_dataset(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_shards_path_or_url=args.train_shards_path_or_url,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        max_train_samples=args.max_train_samples,
+        cache_dir=args.cache_dir,
+    )
+
+
 def _is_plain_tar(path: Path) -> bool:
     with open(path, "rb") as handle:
         magic = handle.read(262)

@@ -638,21 +638,13 @@ def train(args, mode: str, hub_client=None, command: Sequence[str] | None = None
     in the model card (secrets redacted).
     """
     from .args import validate_data_args, validate_lcm_args, validate_training_args
-    from .data import load_train_dataset
+    from .data import load_train_dataset_from_args
 
     validate_training_args(args)
     validate_data_args(args)
     validate_lcm_args(args)
     # The data source first: a wrong column fails before any model is loaded.
-    source = load_train_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_shards_path_or_url=args.train_shards_path_or_url,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        max_train_samples=args.max_train_samples,
-        cache_dir=args.cache_dir,
-    )
+    source = load_train_dataset_from_args(args)
     accelerator = create_accelerator(args)
     objective = LCMDistillation(args, accelerator, mode=mode)
     dataloader = build_train_dataloader(args, source, objective, accelerator)
