@@ -1189,7 +1189,7 @@ def train_consistency(argv=None, hub_client=None):
 
     from . import hub  # noqa: PLC0415
     from .args import validate_data_args, validate_training_args  # noqa: PLC0415
-    from .data import build_dataloader, load_train_dataset  # noqa: PLC0415
+    from .data import build_dataloader, load_train_dataset_from_args  # noqa: PLC0415
     from .loop import create_accelerator, run_training  # noqa: PLC0415
 
     args = build_consistency_parser().parse_args(argv)
@@ -1198,15 +1198,7 @@ def train_consistency(argv=None, hub_client=None):
     validate_consistency_args(args)
     if args.max_train_steps is None:
         raise ValueError("--max_train_steps is required: the CT / iCT curricula are defined over the total step count.")
-    source = load_train_dataset(  # the data first: a wrong column fails before any model is loaded
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_shards_path_or_url=args.train_shards_path_or_url,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        max_train_samples=args.max_train_samples,
-        cache_dir=args.cache_dir,
-    )
+    source = load_train_dataset_from_args(args)  # the data first: a wrong column fails before any model is loaded
     accelerator = create_accelerator(args)
     trainer = ConsistencyTrainer(args, accelerator)
     dataloader = build_dataloader(
