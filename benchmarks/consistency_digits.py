@@ -1,11 +1,21 @@
-"""Class-conditional consistency training (iCT or CT) on the shipped digits, scored by the digits harness.
+"""Class-conditional consistency training (CT or iCT) on the shipped digits, scored by the digits harness.
 
-Trains a class-conditional ``UNet2DModel`` in pixel space (32x32) with the real ``train_scripts`` path
-(:func:`lcm_kit.training.consistency_models.train_consistency`: Accelerate loop, data module), then samples every
-digit at 1 and 2 steps with :class:`~lcm_kit.pipelines.pipeline_consistency.CMPipeline` and reports the shipped
-classifier's accuracy and the Fréchet distance to the held-out digits (lcm_kit.eval.metrics).
+Trains a class-conditional ``UNet2DModel`` with the real ``train_scripts`` path
+(:func:`lcm_kit.training.consistency_models.train_consistency`: Accelerate loop, data module) -- in the shipped
+digits teacher's VAE latent space (4x8x8, ``--latent``, the default) or in pixel space (32x32, ``--no-latent``) --
+then samples every digit at 1 and 2 steps with :class:`~lcm_kit.pipelines.pipeline_consistency.CMPipeline` and
+reports the shipped classifier's accuracy and the Frechet distance to the held-out digits (lcm_kit.eval.metrics),
+20 samples per digit, fixed seeds. The training budget is reported in CPU seconds (``time.process_time`` of this
+process; run with ``OMP_NUM_THREADS=1`` so CPU seconds are single-thread seconds).
 
-    HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --max_train_steps 3000 --out /tmp/cm_digits
+    # the numbers in benchmarks/consistency_results.md (about 12 CPU-minutes of training each):
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ict --max_train_steps 3000 \
+        --s1 160 --out /tmp/cm_ict
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ct --max_train_steps 3000 \
+        --out /tmp/cm_ct
+    # re-score a trained model (e.g. other 2-step intermediate sigmas) without training again:
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ict --out /tmp/cm_ict \
+        --evaluate_only --mid_sigmas 0.821,2.0
 """
 
 from __future__ import annotations
@@ -18,66 +28,118 @@ import time
 import torch
 
 
+def prepare_data(out: str) -> str:
+    """The digits train split as a ``datasets`` folder whose caption column is the class index."""
+    from lcm_kit import digits
+
+    data_dir = os.path.join(out, "data")
+    if not os.path.isdir(data_dir):
+        dataset = digits.to_hf_dataset("train", 32).map(lambda e: {"class": str(e["label"])})
+        dataset.save_to_disk(data_dir)
+    return data_dir
+
+
+def training_argv(args, data_dir: str, model_dir: str) -> list[str]:
+    from lcm_kit import digits
+
+    argv = [
+        "--mode", args.mode, "--dataset_name", data_dir, "--image_column", "image", "--caption_column", "class",
+        "--num_class_embeds", "10", "--resolution", "32", "--block_out_channels", args.block_out_channels,
+        "--layers_per_block", str(args.layers_per_block), "--train_batch_size", str(args.train_batch_size),
+        "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
+        "--ema_decay", str(args.ema_decay), "--sigma_data", str(args.sigma_data), "--output_dir", model_dir,
+        "--report_to", "none", "--seed", str(args.seed), "--checkpointing_steps", str(args.max_train_steps),
+        "--validation_steps", str(args.max_train_steps), "--num_train_epochs", "100000",
+    ]
+    if args.latent:
+        argv += ["--pretrained_vae_model_name_or_path", str(digits.teacher_path() / "vae")]
+    for flag in ("s0", "s1", "dropout", "loss_type"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return argv
+
+
+def evaluate(args, model_dir: str) -> list[dict]:
+    """Accuracy and FD of the EMA and online weights at 1 step and at 2 steps for each intermediate sigma."""
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    from lcm_kit.eval.metrics import evaluate_images
+    from lcm_kit.pipelines.pipeline_consistency import CMPipeline
+
+    vae = None
+    if os.path.isdir(os.path.join(model_dir, "vae")):
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+    labels = torch.arange(10).repeat_interleave(args.num_per_digit)
+    settings = [(1, None)] + [(2, float(s)) for s in args.mid_sigmas.split(",")]
+    rows = []
+    for weights in ("unet", "unet_online"):
+        pipe = CMPipeline.from_pretrained(model_dir, vae=vae)
+        if weights != "unet":
+            pipe.unet = UNet2DModel.from_pretrained(os.path.join(model_dir, weights))
+        pipe.set_progress_bar_config(disable=True)
+        for steps, mid_sigma in settings:
+            kwargs = {"num_inference_steps": 1} if mid_sigma is None else {"sigmas": [80.0, mid_sigma]}
+            images = pipe(batch_size=len(labels), class_labels=labels, output_type="pt",
+                          generator=torch.Generator().manual_seed(args.seed), **kwargs).images
+            scores = evaluate_images(images, labels, value_range=(0.0, 1.0))
+            rows.append({"weights": "EMA" if weights == "unet" else "online", "steps": steps, "mid_sigma": mid_sigma,
+                         "accuracy": scores["accuracy"], "fd": scores["fd"]})
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="ict", choices=("ct", "ict"))
+    parser.add_argument("--latent", action=argparse.BooleanOptionalAction, default=True,
+                        help="Train in the digits teacher's VAE latent space (4x8x8); --no-latent: 32x32 pixels.")
     parser.add_argument("--max_train_steps", type=int, default=3000)
-    parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--block_out_channels", default="32,64,64")
+    parser.add_argument("--train_batch_size", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--block_out_channels", default="64,128")
+    parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=None)
+    parser.add_argument("--loss_type", default=None)
+    parser.add_argument("--s0", type=int, default=None, help="Curriculum start (default: the mode's, 2 / 10).")
+    parser.add_argument("--s1", type=int, default=None, help="Curriculum end (default: the mode's, 150 / 1280).")
+    parser.add_argument("--sigma_data", type=float, default=0.5)
     parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--mid_sigmas", default="0.821,2.0",
+                        help="Comma-separated intermediate sigmas of the 2-step schedule [80, mid].")
     parser.add_argument("--num_per_digit", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate_only", action="store_true", help="Score the model already in --out/--mode.")
     parser.add_argument("--out", default="consistency-digits")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lcm_kit import digits
-    from lcm_kit.eval.metrics import evaluate_images
-    from lcm_kit.pipelines.pipeline_consistency import CMPipeline
     from lcm_kit.training.consistency_models import train_consistency
 
-    data_dir = os.path.join(args.out, "data")
-    if not os.path.isdir(data_dir):
-        dataset = digits.to_hf_dataset("train", 32).map(lambda e: {"class": str(e["label"])})
-        dataset.save_to_disk(data_dir)
     model_dir = os.path.join(args.out, args.mode)
-    start = time.perf_counter()
-    result = train_consistency([
-        "--mode", args.mode, "--dataset_name", data_dir, "--image_column", "image", "--caption_column", "class",
-        "--num_class_embeds", "10", "--resolution", "32", "--block_out_channels", args.block_out_channels,
-        "--layers_per_block", "1", "--train_batch_size", str(args.train_batch_size),
-        "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
-        "--ema_decay", str(args.ema_decay), "--output_dir", model_dir, "--report_to", "none",
-        "--seed", str(args.seed), "--checkpointing_steps", str(args.max_train_steps),
-        "--validation_steps", str(args.max_train_steps), "--num_train_epochs", "1000",
-    ])
-    train_seconds = time.perf_counter() - start
-
-    labels = torch.arange(10).repeat_interleave(args.num_per_digit)
-    rows = []
-    for weights in ("unet", "unet_online"):
-        from diffusers import UNet2DModel
-
-        pipe = CMPipeline.from_pretrained(model_dir)
-        if weights != "unet":
-            pipe.unet = UNet2DModel.from_pretrained(os.path.join(model_dir, weights))
-        pipe.set_progress_bar_config(disable=True)
-        for steps, kwargs in ((1, {"num_inference_steps": 1}), (2, {"sigmas": [80.0, 0.821]})):
-            images = pipe(batch_size=len(labels), class_labels=labels, output_type="pt",
-                          generator=torch.Generator().manual_seed(args.seed), **kwargs).images
-            scores = evaluate_images(images, labels, value_range=(0.0, 1.0))
-            rows.append({"weights": "EMA" if weights == "unet" else "online", "steps": steps,
-                         "accuracy": scores["accuracy"], "fd": scores["fd"]})
-    table = ["| model | steps | classifier accuracy % | FD |", "|---|---|---|---|"]
-    table += [f"| {args.mode.upper()} ({r['weights']}) | {r['steps']} | {100 * r['accuracy']:.1f} | {r['fd']:.2f} |"
-              for r in rows]
+    results_path = os.path.join(args.out, f"{args.mode}_results.json")
+    record = {"args": vars(args)}
+    if args.evaluate_only:
+        with open(results_path) as f:
+            record = json.load(f)
+    else:
+        data_dir = prepare_data(args.out)
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        result = train_consistency(training_argv(args, data_dir, model_dir))
+        record.update(train_cpu_seconds=time.process_time() - cpu_start,
+                      train_wall_seconds=time.perf_counter() - wall_start, global_step=result.global_step)
+    rows = evaluate(args, model_dir)
+    record["rows"] = rows
+    table = ["| model | steps | sigmas | classifier accuracy % | FD |", "|---|---|---|---|---|"]
+    for r in rows:
+        sigmas = "[80]" if r["mid_sigma"] is None else f"[80, {r['mid_sigma']:g}]"
+        table.append(f"| {args.mode.upper()} ({r['weights']}) | {r['steps']} | {sigmas} | "
+                     f"{100 * r['accuracy']:.1f} | {r['fd']:.2f} |")
     print("\n".join(table))
-    print(f"{args.mode} {result.global_step} steps, batch {args.train_batch_size}, {train_seconds:.0f} s on "
-          f"{args.threads} thread(s); {args.num_per_digit} samples per digit")
-    with open(os.path.join(args.out, f"{args.mode}_results.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "train_seconds": train_seconds}, f, indent=1)
+    print(f"{args.mode}: {record.get('global_step')} steps, batch {record['args']['train_batch_size']}, "
+          f"{record.get('train_cpu_seconds', float('nan')):.0f} CPU-s ({record.get('train_wall_seconds', float('nan')):.0f}"
+          f" s wall) on {args.threads} thread(s); {args.num_per_digit} samples per digit")
+    with open(results_path, "w") as f:
+        json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
