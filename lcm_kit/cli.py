@@ -189,7 +189,13 @@ def _add_eval_parser(subparsers) -> None:
     add_eval_parser(subparsers)
 
 
-SUBCOMMANDS = [add_generate_parser, _add_eval_parser]
+def _add_quickstart_parser(subparsers) -> None:
+    from lcm_kit.quickstart import add_quickstart_parser  # argparse only at import time; torch stays lazy
+
+    add_quickstart_parser(subparsers)
+
+
+SUBCOMMANDS = [add_generate_parser, _add_eval_parser, _add_quickstart_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
