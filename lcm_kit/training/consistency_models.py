@@ -1189,7 +1189,7 @@ def train_consistency(argv=None, hub_client=None):
 
     from . import hub  # noqa: PLC0415
     from .args import validate_data_args, validate_training_args  # noqa: PLC0415
-    from .data import build_dataloader, load_train_dataset_from_args  # noqa: PLC0415
+    from .data import build_dataloader_from_args, load_train_dataset_from_args  # noqa: PLC0415
     from .loop import create_accelerator, run_training  # noqa: PLC0415
 
     args = build_consistency_parser().parse_args(argv)
@@ -1201,16 +1201,7 @@ def train_consistency(argv=None, hub_client=None):
     source = load_train_dataset_from_args(args)  # the data first: a wrong column fails before any model is loaded
     accelerator = create_accelerator(args)
     trainer = ConsistencyTrainer(args, accelerator)
-    dataloader = build_dataloader(
-        source,
-        resolution=args.resolution,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        seed=args.seed,
-        drop_last=False,
-    )
+    dataloader = build_dataloader_from_args(args, source)
     result = run_training(args, accelerator, trainer, dataloader)
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = args.hub_model_id or Path(args.output_dir).resolve().name

@@ -718,6 +718,21 @@ def load_train_dataset_from_args(args) -> "TextImageSource":
     )
 
 
+
+def build_dataloader_from_args(args, source) -> "EpochDataLoader":
+    """:func:`build_dataloader` over ``source`` (a data source or an encoded cache) with the parsed flags
+    ``--resolution``, ``--center_crop``, ``--random_flip``, ``--train_batch_size``, ``--dataloader_num_workers``
+    and ``--seed``."""
+    return build_dataloader(
+        source,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        seed=args.seed,
+    )
+
 def _is_plain_tar(path: Path) -> bool:
     with open(path, "rb") as handle:
         magic = handle.read(262)

@@ -594,18 +594,10 @@ def load_teacher_components(args) -> dict:
 def build_train_dataloader(args, source, objective: LCMDistillation, accelerator):
     """The training DataLoader: images + captions, or the encoded cache with ``--cache_latents`` /
     ``--cache_text_embeddings``."""
-    from .data import build_dataloader, build_encoded_cache
+    from .data import build_dataloader_from_args, build_encoded_cache
 
     if not (args.cache_latents or args.cache_text_embeddings):
-        return build_dataloader(
-            source,
-            resolution=args.resolution,
-            center_crop=args.center_crop,
-            random_flip=args.random_flip,
-            batch_size=args.train_batch_size,
-            num_workers=args.dataloader_num_workers,
-            seed=args.seed,
-        )
+        return build_dataloader_from_args(args, source)
     cache_dir = os.path.join(args.cache_dir or os.path.join(args.output_dir, "cache"), "encoded")
     with accelerator.main_process_first():
         cache = build_encoded_cache(
@@ -620,15 +612,7 @@ def build_train_dataloader(args, source, objective: LCMDistillation, accelerator
             batch_size=args.train_batch_size,
             seed=args.seed,
         )
-    return build_dataloader(
-        cache,
-        resolution=args.resolution,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        seed=args.seed,
-    )
+    return build_dataloader_from_args(args, cache)
 
 
 def train(args, mode: str, hub_client=None, command: Sequence[str] | None = None):
