@@ -231,21 +231,11 @@ def evaluate_row(pipe, name: str, scheduler: str, steps: int, guidance_scale: fl
     per_digit_accuracy, seconds, ``extra``) and the first image of each digit (PIL) for the grid."""
     from diffusers.utils import numpy_to_pil
 
-    from lcm_kit.eval import evaluate_images, generate_digits, make_scheduler
+    from lcm_kit.eval import evaluate_pipeline
 
-    original = pipe.scheduler
-    replacement = make_scheduler(scheduler, original.config)
-    start = time.time()
-    try:
-        if replacement is not None:
-            pipe.scheduler = replacement
-        images, labels = generate_digits(pipe, steps, guidance_scale, num_per_digit, seed)
-    finally:
-        pipe.scheduler = original
-    row = {"name": name, "scheduler": scheduler, "steps": int(steps), "guidance_scale": float(guidance_scale)}
+    row, images = evaluate_pipeline(pipe, scheduler, steps, guidance_scale, num_per_digit, seed, name=name,
+                                    classifier=classifier, return_images=True)
     row.update(extra)
-    row.update(evaluate_images(images, labels, classifier=classifier, value_range=(0.0, 1.0)))
-    row["seconds"] = round(time.time() - start, 2)
     # digit-major order: the first sample of each digit (images in [0, 1])
     tiles = numpy_to_pil(images[::num_per_digit].permute(0, 2, 3, 1).numpy())
     return row, tiles

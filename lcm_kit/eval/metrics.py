@@ -209,14 +209,16 @@ def evaluate_pipeline(
     batch_size: int = 100,
     progress: bool = False,
     standard_metrics: bool = False,
+    return_images: bool = False,
     **call_kwargs,
-) -> dict:
+) -> dict | tuple[dict, torch.Tensor]:
     """Generate every digit with ``scheduler`` (see :func:`make_scheduler`) and score it.
 
     The pipeline's scheduler is swapped for the run and restored afterwards. Returns a row:
     ``{"name", "scheduler", "steps", "guidance_scale", "accuracy", "fd", "n", "per_digit_accuracy",
     "seconds"}`` (+ ``"standard_metrics"`` from :func:`optional_standard_metrics` when ``standard_metrics``);
-    ``call_kwargs`` go to the pipeline call (e.g. ``height``/``width``)."""
+    ``call_kwargs`` go to the pipeline call (e.g. ``height``/``width``). With ``return_images`` returns
+    ``(row, images)``: the generated images in [0, 1], digit-major (``num_per_digit`` of 0, then of 1, ...)."""
     if int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}.")
     original = pipe.scheduler
@@ -244,7 +246,7 @@ def evaluate_pipeline(
         real, _ = digits.load_split("heldout", images.shape[-1])
         prompts = [digits.eval_prompt(int(d)) for d in labels]
         row["standard_metrics"] = optional_standard_metrics(images, (real + 1) / 2, prompts)
-    return row
+    return (row, images) if return_images else row
 
 
 def optional_standard_metrics(images: torch.Tensor, real_images: torch.Tensor, prompts: Iterable[str]) -> dict:
