@@ -1,15 +1,15 @@
 """ms/step and peak memory of the LCM-LoRA distillation step: lcm-kit's trainer vs the reference formulation.
 
-* **lcm-kit** (``LCMDistillation``, the code ``train_lcm_lora.py`` runs): one UNet; the teacher is the same frozen
+* **lcm-kit** (``LCMObjective``, the code ``train_lcm_lora`` runs): one UNet; the teacher is the same frozen
   base with the adapter disabled; teacher cond + uncond in ONE batched forward; frozen weights in the
   mixed-precision dtype, adapter fp32; the student and target forwards run each LoRA layer fused as ONE op with
-  ``W + s·B·A`` (``lcm_kit.lora.fused_lora_forward``; the trainer's default whenever ``--lora_dropout`` is 0);
+  ``W + s·B·A`` (``lcm_kit.training.fused_lora``; the trainer's default whenever ``--lora_dropout`` is 0);
   latents and text embeddings from the encoded cache (``--cache_latents --cache_text_embeddings``: the batch holds
   the VAE posterior and the prompt embeddings). ``--torch_compile`` adds a third row: the same step with the
   trainer's ``--torch_compile`` (its first step, the compile, is reported apart).
 * **reference** (diffusers' ``train_lcm_distill_lora_sd_wds.py`` formulation): a separate fp32 student base with
   the adapter, a separate teacher copy (in the mixed-precision dtype), two teacher forwards (cond, then uncond),
-  and the VAE and the text encoder run on every step. Same math (``lcm_distillation_loss``), so only the
+  and the VAE and the text encoder run on every step. Same math (``LCMDistillationLoss``), so only the
   formulation differs.
 
 Both run in ONE process, interleaved step by step (A, B, A, B, ...) so machine noise hits both alike. Peak memory:
@@ -111,17 +111,16 @@ class LcmKitStep:
     torch_compile = False
 
     def __init__(self, cfg, accelerator):
-        from lcm_kit.training.lcm_distill import LCMDistillation
+        from lcm_kit.training.lcm_objective import LCMObjective
 
         self.accelerator = accelerator
-        self.objective = LCMDistillation(make_args(cfg, self.torch_compile), accelerator, "lora",
-                                         components=build_components(cfg))
-        # what the trainer decided (fused LoRA needs lora_dropout 0, the default; see lcm_kit.lora.fused_lora_forward)
+        self.objective = LCMObjective(make_args(cfg, self.torch_compile), accelerator, "lora",
+                                      components=build_components(cfg))
+        # what the trainer decided (fused LoRA needs lora_dropout 0, the default; see lcm_kit.training.fused_lora)
         self.fused_lora = (self.objective.fuse_student_lora, self.objective.fuse_target_lora)
-        params = self.objective.trainable_parameters()
+        params = [p for p in self.objective.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-6)
-        unet, self.optimizer = accelerator.prepare(self.objective.unet, self.optimizer)
-        self.objective.set_prepared_modules([unet])
+        self.model, self.optimizer = accelerator.prepare(self.objective.unet, self.optimizer)
         # --cache_latents --cache_text_embeddings: the batch arrives encoded
         raw = make_batch(cfg)
         self.batch = {"latents": self.objective.encode_images(raw["pixel_values"]).cpu(),
@@ -130,7 +129,7 @@ class LcmKitStep:
     def step(self, i):
         batch = {k: v.to(self.accelerator.device) for k, v in self.batch.items()}
         generator = torch.Generator(self.accelerator.device).manual_seed(i)
-        loss, _ = self.objective.compute_loss(batch, i, generator)
+        loss, _ = self.objective.compute_loss(self.model, batch, i, generator)
         self.accelerator.backward(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,7 +146,7 @@ class ReferenceStep:
         import copy
 
         from lcm_kit.lora import add_lcm_lora
-        from lcm_kit.training.lcm_distill import config_from_args
+        from lcm_kit.training.lcm_objective import config_from_args
         from lcm_kit.training.loop import weight_dtype_for
 
         args = make_args(cfg)
@@ -177,21 +176,16 @@ class ReferenceStep:
         return self.text_encoder(ids)[0]
 
     def step(self, i):
-        from lcm_kit.consistency import sample_uniform
-        from lcm_kit.training.lcm_distill import lcm_distillation_loss, sample_skip_timesteps
+        from lcm_kit.training.losses import LCMDistillationLoss
 
         generator = torch.Generator(self.device).manual_seed(i)
         pixel_values = self.raw["pixel_values"].to(self.device)
         with torch.no_grad():
             latents = self.vae.encode(pixel_values).latent_dist.sample(generator) * self.scaling
             embeds = self._encode(self.raw["captions"])
-        n = latents.shape[0]
-        start, prev = sample_skip_timesteps(n, self.config, generator, self.device)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        w = sample_uniform(self.config.w_min, self.config.w_max, n, generator=generator, device=self.device)
-        uncond = self.uncond.expand(n, -1, -1)
+        uncond = self.uncond.expand(latents.shape[0], -1, -1)
 
-        def student(x, t):
+        def student(x, t, w):
             with self.accelerator.autocast():
                 return self.unet(x, t, encoder_hidden_states=embeds).sample
 
@@ -201,16 +195,15 @@ class ReferenceStep:
                 unc = self.teacher(x.to(self.dtype), t, encoder_hidden_states=uncond.to(self.dtype)).sample
             return cond.float(), unc.float()
 
-        def target(x, t):
+        def target(x, t, w):
             with self.accelerator.autocast():
                 return self.unet(x, t, encoder_hidden_states=embeds).sample.float()
 
-        out = lcm_distillation_loss(latents, noise, start, prev, w, student, teacher, target, self.alphas,
-                                    self.config)
-        self.accelerator.backward(out.loss)
+        loss = LCMDistillationLoss(self.alphas, self.config)(student, teacher, target, latents, generator).loss.mean()
+        self.accelerator.backward(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return loss.detach()
 
 
 class LcmKitCompiledStep(LcmKitStep):
@@ -332,7 +325,7 @@ def child_peak_rss(cfg_name: str, variant: str, steps: int = 3) -> float:
         f"cfg = b.CONFIGS[{cfg_name!r}]\n"
         "torch.set_num_threads(1)\n"
         "acc = b.make_accelerator(cfg)\n"
-        "import lcm_kit.training.lcm_distill, lcm_kit.lora, lcm_kit.testing, lcm_kit.pipelines\n"
+        "import lcm_kit.training.lcm_objective, lcm_kit.lora, lcm_kit.testing, lcm_kit.pipelines\n"
         "page = __import__('os').sysconf('SC_PAGE_SIZE')\n"
         "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * page\n"
         "base, peak, done = rss(), [0], []\n"

@@ -1,9 +1,9 @@
 """Class-conditional consistency training (CT or iCT) on the shipped digits, scored by the digits harness.
 
 Trains a class-conditional ``UNet2DModel`` with the real ``train_scripts`` path
-(:func:`lcm_kit.training.consistency_models.train_consistency`: Accelerate loop, data module) -- in the shipped
+(``lcm_kit.training.train_consistency``: Accelerate loop, data module) -- in the shipped
 digits teacher's VAE latent space (4x8x8, ``--latent``, the default) or in pixel space (32x32, ``--no-latent``) --
-then samples every digit at 1 and 2 steps with :class:`~lcm_kit.pipelines.pipeline_consistency.CMPipeline` and
+then samples every digit at 1 and 2 steps with :class:`~lcm_kit.pipelines.pipeline_cm.CMPipeline` and
 reports the shipped classifier's accuracy and the Frechet distance to the held-out digits (lcm_kit.eval.metrics),
 20 samples per digit, fixed seeds. The training budget is reported in CPU seconds (``time.process_time`` of this
 process; run with ``OMP_NUM_THREADS=1`` so CPU seconds are single-thread seconds).
@@ -64,7 +64,7 @@ def evaluate(args, model_dir: str) -> list[dict]:
     from diffusers import AutoencoderKL, UNet2DModel
 
     from lcm_kit.eval.metrics import evaluate_images
-    from lcm_kit.pipelines.pipeline_consistency import CMPipeline
+    from lcm_kit.pipelines.pipeline_cm import CMPipeline
 
     vae = None
     if os.path.isdir(os.path.join(model_dir, "vae")):
@@ -113,7 +113,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lcm_kit.training.consistency_models import train_consistency
+    from lcm_kit.training.train_consistency import main as train_consistency
 
     model_dir = os.path.join(args.out, args.mode)
     results_path = os.path.join(args.out, f"{args.mode}_results.json")

@@ -1,6 +1,6 @@
 """2-D Gaussian-mixture benchmark of consistency distillation / training (CD, CT, iCT) against the diffusion model.
 
-One EDM diffusion model (a :class:`~lcm_kit.training.consistency_models.ToyMLP`) is trained first; CD distils it
+One EDM diffusion model (a :class:`~lcm_kit.testing.ToyMLP`) is trained first; CD distils it
 (Heun teacher), CT and iCT train from its weights without a teacher. Every sampler is scored by the sliced
 2-Wasserstein distance of 2,000 samples to 2,000 held-out data points (the floor is the distance between two data
 draws). Prints a markdown table and writes it (plus JSON) next to ``--out``.
@@ -17,19 +17,11 @@ import time
 
 import torch
 
-from lcm_kit.schedulers.scheduling_cm_multistep import CMMultistepScheduler
-from lcm_kit.training.consistency_models import (
-    ConsistencyModel,
-    ConsistencyObjective,
-    EDMDenoiser,
-    ToyMLP,
-    consistency_sample,
-    edm_sample,
-    gaussian_mixture_2d,
-    sliced_wasserstein,
-    train_toy_consistency,
-    train_toy_diffusion,
-)
+from lcm_kit.precond import ConsistencyModel, EDMDenoiser
+from lcm_kit.sampling import consistency_sample, edm_sample
+from lcm_kit.schedulers.scheduling_cm import CMMultistepScheduler
+from lcm_kit.testing import ToyMLP, gaussian_mixture_2d, sliced_wasserstein, train_toy_consistency, train_toy_diffusion
+from lcm_kit.training.losses import ConsistencyLoss
 
 # iCT's two-step schedule for CIFAR-10 (sigma_max then 0.821), used for every 2-step consistency row.
 TWO_STEP_SIGMAS = [80.0, 0.821]
@@ -73,7 +65,7 @@ def main(argv=None):
         start = time.perf_counter()
         model = ConsistencyModel(copy.deepcopy(diffusion.backbone))
         kwargs = {"teacher": diffusion} if mode == "cd" else {}
-        objective = ConsistencyObjective(mode, args.consistency_steps, **kwargs)
+        objective = ConsistencyLoss(mode, args.consistency_steps, **kwargs)
         ema, _ = train_toy_consistency(objective, model, data, args.batch_size, seed=args.seed, progress=True)
         elapsed = time.perf_counter() - start
         for steps in (1, 2):
@@ -83,7 +75,7 @@ def main(argv=None):
                 samples = consistency_sample(net.backbone, scheduler, noise, generator=generator, **sample_kwargs)
                 rows.append((f"{mode.upper()} ({name})", steps, score(samples), elapsed))
 
-    header = (f"| model | steps | sliced W2 to data (lower is better) | train CPU s |\n|---|---|---|---|")
+    header = ("| model | steps | sliced W2 to data (lower is better) | train CPU s |\n|---|---|---|---|")
     lines = [header] + [f"| {name} | {steps} | {value:.4f} | {t:.0f} |" for name, steps, value, t in rows]
     table = "\n".join(lines)
     print(table)

@@ -18,10 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers.utils import make_image_grid
 
-from lcm_kit.cli import image_grid, load_pipeline, resolve_device
+from lcm_kit import LCMPipeline
 from lcm_kit.lora import add_lcm_lora, save_lora_weights
-from lcm_kit.testing import tiny_unet
+from lcm_kit.testing import tiny_sd_components, tiny_unet
+from lcm_kit.utils import dtype_kwarg, resolve_device, resolve_dtype
 
 
 def make_offline_lcm_lora(save_directory, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> Path:
@@ -56,7 +58,11 @@ def main(argv=None) -> Path:
     device = resolve_device(args.device)
     # LCMPipeline.from_pretrained(model) (fp16 on CUDA), or the offline tiny kit; either way the pipeline samples
     # with a ConsistencyScheduler built from the model's own scheduler config.
-    pipe = load_pipeline(args.model, device=device)
+    if args.model == "tiny-sd1":
+        pipe = LCMPipeline(**tiny_sd_components("sd1"), requires_safety_checker=False)
+    else:
+        pipe = LCMPipeline.from_pretrained(args.model, **{dtype_kwarg(): resolve_dtype("auto", device)})
+    pipe.to(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         lora = args.lora
@@ -74,7 +80,8 @@ def main(argv=None) -> Path:
         generator=torch.Generator("cpu").manual_seed(args.seed),
     ).images
     output = Path(args.output)
-    image_grid(images).save(output)
+    grid = images[0] if len(images) == 1 else make_image_grid(images, rows=1, cols=len(images))
+    grid.save(output)
     print(f"saved {output} ({images[0].width}x{images[0].height}, {len(images)} image(s))")
     return output
 

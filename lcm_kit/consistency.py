@@ -48,6 +48,17 @@ def lcm_boundary_scalings(timestep, timestep_scaling: float = 10.0, sigma_data: 
     return c_skip, c_out
 
 
+def lcm_consistency_function(model_output, sample, timesteps, alphas_cumprod, prediction_type: str = "epsilon",
+                             timestep_scaling: float = 10.0):
+    """LCM's parameterised consistency function ``f(x, t) = c_skip(t) x + c_out(t) x0(model_output)`` at per-sample
+    long ``timesteps`` (the boundary scalings :class:`~lcm_kit.schedulers.ConsistencyScheduler` applies when
+    sampling); ``f(x, 0) = x``."""
+    alpha_t = append_dims(alphas_cumprod[timesteps], sample.ndim)
+    pred_x0 = predicted_original_sample(model_output.float(), sample, alpha_t, prediction_type)
+    c_skip, c_out = lcm_boundary_scalings(timesteps.to(torch.float32), timestep_scaling)
+    return append_dims(c_skip, sample.ndim) * sample + append_dims(c_out, sample.ndim) * pred_x0
+
+
 def _check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")

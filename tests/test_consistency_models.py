@@ -12,33 +12,15 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, DDPMScheduler, UNet2DModel
 
 from lcm_kit import consistency as cm
-from lcm_kit.schedulers.scheduling_cm_multistep import CMMultistepScheduler
-from lcm_kit.training.consistency_models import (
-    ConsistencyModel,
-    ConsistencyObjective,
-    EDMDenoiser,
-    ToyMLP,
-    VPDenoiser,
-    consistency_sample,
-    edm_sample,
-    ema_update_,
-    gaussian_mixture_2d,
-    save_consistency_pipeline,
-    sliced_wasserstein,
-    train_toy_consistency,
-    train_toy_diffusion,
-)
+from lcm_kit.precond import ConsistencyModel, EDMDenoiser, VPDenoiser
+from lcm_kit.sampling import consistency_sample, edm_sample
+from lcm_kit.schedulers.scheduling_cm import CMMultistepScheduler
+from lcm_kit.testing import ToyMLP, gaussian_mixture_2d, sliced_wasserstein, train_toy_consistency, train_toy_diffusion
+from lcm_kit.training.cm_objective import save_consistency_pipeline
+from lcm_kit.training.losses import ConsistencyLoss
+from lcm_kit.utils import ema_update_
 
 MU, S = 0.3, 0.5  # 1-D / 2-D Gaussian data N(MU, S^2 I)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gaussian_denoiser(x, sigma, class_labels=None):
@@ -171,19 +153,19 @@ def test_cd_teacher_step_follows_the_exact_ode_and_exact_f_has_near_zero_loss():
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
     errors, losses = {}, {}
     for solver in ("euler", "heun"):
-        objective = ConsistencyObjective("cd", 100, teacher=gaussian_denoiser, solver=solver)
+        objective = ConsistencyLoss("cd", 100, teacher=gaussian_denoiser, solver=solver)
         x_prev = objective.previous_point(clean, noise, sigma, sigma_next)
         x_next = clean + sigma_next[:, None] * noise
         exact = _exact_ode(x_next, sigma_next[:, None], sigma[:, None])
         errors[solver] = ((x_prev - exact).abs() / (exact - x_next).abs()).max().item()  # relative to the move
         model = ConsistencyModel(GaussianConsistencyBackbone())
-        losses[solver] = objective(model, clean, 0, target_model=model, generator=torch.Generator().manual_seed(2)).loss.item()
+        losses[solver] = objective(model, clean, 0, target_model=model, generator=torch.Generator().manual_seed(2)).loss.mean().item()
     assert errors["heun"] < errors["euler"] / 5 and errors["heun"] < 0.06
     # The exact consistency function is (nearly) a fixed point of CD; a wrong f is not.
-    objective = ConsistencyObjective("cd", 100, teacher=gaussian_denoiser)
+    objective = ConsistencyLoss("cd", 100, teacher=gaussian_denoiser)
     wrong = ConsistencyModel(GaussianConsistencyBackbone())
     wrong.sigma_data = 0.7  # mis-preconditioned: f is no longer the ODE's origin
-    wrong_loss = objective(wrong, clean, 0, target_model=wrong, generator=torch.Generator().manual_seed(2)).loss.item()
+    wrong_loss = objective(wrong, clean, 0, target_model=wrong, generator=torch.Generator().manual_seed(2)).loss.mean().item()
     assert losses["heun"] < 1e-4 < wrong_loss
     assert losses["heun"] < losses["euler"]
 
@@ -192,7 +174,7 @@ def test_ct_target_is_the_same_noise_one_level_down_and_an_unbiased_euler_cd_tar
     clean = torch.randn(3, 2, dtype=torch.float64)
     noise = torch.randn(3, 2, dtype=torch.float64)
     sigma, sigma_next = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64), torch.tensor([0.2, 1.5, 20.0], dtype=torch.float64)
-    objective = ConsistencyObjective("ct", 100)
+    objective = ConsistencyLoss("ct", 100)
     x_prev = objective.previous_point(clean, noise, sigma, sigma_next)
     torch.testing.assert_close(x_prev, clean + sigma[:, None] * noise)
     # = an Euler step of the ODE with the clean sample standing in for the teacher's denoiser.
@@ -207,7 +189,7 @@ def test_ct_target_is_the_same_noise_one_level_down_and_an_unbiased_euler_cd_tar
     x0 = post_mean + post_std * torch.randn(200_000, 1, generator=generator, dtype=torch.float64)
     z = (x_next - x0) / s_next
     ct_points = objective.previous_point(x0, z, s.expand(200_000), s_next.expand(200_000))
-    cd_point = ConsistencyObjective("cd", 100, teacher=gaussian_denoiser, solver="euler").previous_point(
+    cd_point = ConsistencyLoss("cd", 100, teacher=gaussian_denoiser, solver="euler").previous_point(
         post_mean, (x_next - post_mean) / s_next, s, s_next)
     assert ct_points.mean().item() == pytest.approx(cd_point.item(), abs=3e-3)
 
@@ -217,10 +199,10 @@ def test_ict_loss_of_the_exact_f_matches_its_closed_form():
     x0 + sigma_i z, same z), the pseudo-Huber distance, its c = 0.00054 sqrt(d) and the weight 1 / (sigma_{i+1} - sigma_i)."""
     clean = MU + S * torch.randn(2048, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     noise = torch.randn(2048, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    objective = ConsistencyObjective("ict", 1000)
+    objective = ConsistencyLoss("ict", 1000)
     exact = ConsistencyModel(GaussianConsistencyBackbone())
     out = objective(exact, clean, 999, generator=torch.Generator().manual_seed(2), noise=noise)
-    assert out.num_scales == 1281 and out.target_ema_decay == 0.0
+    assert objective.num_scales(999) == 1281 and objective.target_ema_decay(999) == 0.0
     sigma, sigma_next = out.sigma[:, None], out.sigma_next[:, None]
     online = gaussian_consistency(clean + sigma_next * noise, out.sigma_next)
     target = gaussian_consistency(clean + sigma * noise, out.sigma)
@@ -228,12 +210,11 @@ def test_ict_loss_of_the_exact_f_matches_its_closed_form():
     c = 0.00054 * math.sqrt(2)
     expected = (torch.sqrt(diff.pow(2).sum(1) + c**2) - c) / (out.sigma_next - out.sigma)
     # float32 differences of outputs up to |x| ~ 80: a wrong pair, distance or weight would be off by O(1).
-    torch.testing.assert_close(out.per_sample, expected.to(out.per_sample.dtype), rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(out.loss, expected.mean().to(out.loss.dtype), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.loss.detach(), expected.to(out.loss.dtype), rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="target_model"):
         objective(exact, clean, 0, target_model=exact)
     with pytest.raises(ValueError, match="target_model"):
-        ConsistencyObjective("ct", 10)(exact, clean, 0)
+        ConsistencyLoss("ct", 10)(exact, clean, 0)
 
 
 def test_sampler_with_exact_f_gives_the_data_distribution_at_any_step_count():
@@ -253,12 +234,12 @@ def test_sampler_with_exact_f_gives_the_data_distribution_at_any_step_count():
 
 
 def test_curricula_weights_and_index_sampling_per_mode():
-    ct = ConsistencyObjective("ct", 1000)
+    ct = ConsistencyLoss("ct", 1000)
     assert [ct.num_scales(k) for k in (0, 500, 1000)] == [cm.ct_num_scales(k, 1000) for k in (0, 500, 1000)]
     assert ct.target_ema_decay(0) == pytest.approx(0.9) and ct.target_ema_decay(1000) == pytest.approx(cm.ct_target_ema(1000, 1000))
-    cd = ConsistencyObjective("cd", 1000, teacher=gaussian_denoiser)
+    cd = ConsistencyLoss("cd", 1000, teacher=gaussian_denoiser)
     assert cd.num_scales(123) == 18 and cd.target_ema_decay(5) == 0.95 and cd.solver == "heun"
-    ict = ConsistencyObjective("ict", 8000)
+    ict = ConsistencyLoss("ict", 8000)
     assert ict.loss_type == "pseudo_huber" and ict.num_scales(2500) == 41
     sigma, sigma_next = torch.tensor([1.0]), torch.tensor([1.25])
     assert ict.loss_weight(sigma, sigma_next).item() == pytest.approx(4.0)
@@ -277,19 +258,19 @@ def test_curricula_weights_and_index_sampling_per_mode():
 
 def test_invalid_options_are_named():
     with pytest.raises(ValueError, match="mode"):
-        ConsistencyObjective("dm", 10)
+        ConsistencyLoss("dm", 10)
     with pytest.raises(ValueError, match="teacher"):
-        ConsistencyObjective("cd", 10)
+        ConsistencyLoss("cd", 10)
     with pytest.raises(ValueError, match="teacher=.*not used by mode='ct'"):
-        ConsistencyObjective("ct", 10, teacher=gaussian_denoiser)
+        ConsistencyLoss("ct", 10, teacher=gaussian_denoiser)
     with pytest.raises(ValueError, match="mu0"):
-        ConsistencyObjective("ict", 10, mu0=0.9)
+        ConsistencyLoss("ict", 10, mu0=0.9)
     with pytest.raises(ValueError, match="loss_type"):
-        ConsistencyObjective("ict", 10, loss_type="huber")
+        ConsistencyLoss("ict", 10, loss_type="huber")
     with pytest.raises(ValueError, match="huber_c"):
-        ConsistencyObjective("ct", 10, huber_c=0.1)
+        ConsistencyLoss("ct", 10, huber_c=0.1)
     with pytest.raises(ValueError, match="solver"):
-        ConsistencyObjective("cd", 10, teacher=gaussian_denoiser, solver="ddim")
+        ConsistencyLoss("cd", 10, teacher=gaussian_denoiser, solver="ddim")
 
 
 def test_lpips_is_optional_with_a_clear_message():
@@ -297,9 +278,36 @@ def test_lpips_is_optional_with_a_clear_message():
         import lpips  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="pip install lpips.*pseudo_huber"):
-            ConsistencyObjective("ct", 10, loss_type="lpips")
+            ConsistencyLoss("ct", 10, loss_type="lpips")
     else:
         pytest.skip("lpips is installed; its weights may still be missing offline")
+
+
+@pytest.mark.parametrize("mode", ["ict", "ct"])
+def test_the_consistency_target_carries_no_gradient(mode):
+    """Only the online pass is differentiated (stop-gradient target): the gradient equals that of the same distance
+    to the target pass's output detached. An iCT target computed with gradients (its target is the online network
+    itself) adds the target branch's derivative and fails this."""
+    torch.manual_seed(0)
+    model = ConsistencyModel(ToyMLP(hidden_dim=32))
+    clean, _ = gaussian_mixture_2d(64, torch.Generator().manual_seed(0))
+    loss = ConsistencyLoss(mode, 100)
+    target_model = copy.deepcopy(model).requires_grad_(False) if loss.uses_target_network else None
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    if target_model is not None:
+        target_model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    out = loss(model, clean, 50, target_model=target_model, generator=torch.Generator().manual_seed(1))
+    online, target = outputs
+    assert online.requires_grad and not target.requires_grad
+    weight = loss.loss_weight(out.sigma, out.sigma_next).float()
+    reference = (loss.distance(online, target.detach()) * weight).mean()
+    params = [p for p in model.parameters()]
+    expected = torch.autograd.grad(reference, params, retain_graph=True)
+    got = torch.autograd.grad(out.loss.mean(), params)
+    assert max(e.abs().max() for e in expected) > 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-7, rtol=1e-6)
 
 
 def test_online_and_target_passes_share_dropout_masks():
@@ -311,7 +319,7 @@ def test_online_and_target_passes_share_dropout_masks():
             module.register_forward_hook(lambda m, inp, out: masks.append(out == 0))
     model = ConsistencyModel(backbone).train()
     clean, _ = gaussian_mixture_2d(64, torch.Generator().manual_seed(0))
-    objective = ConsistencyObjective("ict", 100)
+    objective = ConsistencyLoss("ict", 100)
     objective(model, clean, 50, generator=torch.Generator().manual_seed(0))
     assert len(masks) == 6  # 3 dropout layers, online pass then target pass
     online, target = masks[:3], masks[3:]
@@ -374,14 +382,14 @@ def test_scheduler_sigma_lists_equal_the_stock_timestep_lists_and_any_length():
 def test_trained_model_saves_as_a_stock_consistency_pipeline(tmp_path, num_class_embeds):
     unet = tiny_unet(num_class_embeds)
     model = ConsistencyModel(unet)
-    objective = ConsistencyObjective("ict", 10)
+    objective = ConsistencyLoss("ict", 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     before = copy.deepcopy(unet.state_dict())
     for step in range(2):
         clean = torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1
         labels = None if num_class_embeds is None else torch.randint(0, 10, (4,), generator=generator)
-        loss = objective(model, clean, step, class_labels=labels, generator=generator).loss
+        loss = objective(model, clean, step, class_labels=labels, generator=generator).loss.mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -440,7 +448,7 @@ def test_toy_one_step_beats_threshold_and_the_diffusion_model(mode):
 
     model = ConsistencyModel(copy.deepcopy(diffusion.backbone))  # starts from the diffusion model's weights
     kwargs = {"teacher": diffusion} if mode == "cd" else {}
-    train_toy_consistency(ConsistencyObjective(mode, TOY_CONSISTENCY_STEPS, **kwargs), model, data)
+    train_toy_consistency(ConsistencyLoss(mode, TOY_CONSISTENCY_STEPS, **kwargs), model, data)
     scheduler = CMMultistepScheduler(clip_denoised=False)
     one_step = score(consistency_sample(model.backbone, scheduler, noise))
     two_step = score(consistency_sample(model.backbone, scheduler, noise, sigmas=[80.0, 0.821],
@@ -450,7 +458,7 @@ def test_toy_one_step_beats_threshold_and_the_diffusion_model(mode):
 
 
 def test_cm_pipeline_matches_the_stock_pipeline_and_adds_sigmas_labels_and_a_vae(tmp_path):
-    from lcm_kit.pipelines.pipeline_consistency import CMPipeline
+    from lcm_kit.pipelines.pipeline_cm import CMPipeline
     from lcm_kit.testing import tiny_sd_components
 
     unet = tiny_unet(num_class_embeds=10)
@@ -470,7 +478,7 @@ def test_cm_pipeline_matches_the_stock_pipeline_and_adds_sigmas_labels_and_a_vae
     assert torch.equal(a, b) and a.shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match="class_labels"):
         ours(batch_size=2, class_labels=[1, 10])
-    with pytest.raises(ValueError, match="only one"):
+    with pytest.raises(ValueError, match="exactly one"):
         ours(num_inference_steps=2, sigmas=[80.0, 1.0])
 
     # Latent space: 4-channel latents decoded by the VAE (scale factor 2).

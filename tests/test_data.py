@@ -41,7 +41,7 @@ def _image(index: int) -> Image.Image:
 
 
 def _expected(index: int, center_crop: bool = True) -> torch.Tensor:
-    return preprocess_image(_image(index).convert("RGB"), RES, center_crop, False).pixel_values
+    return preprocess_image(_image(index).convert("RGB"), RES, center_crop, False)
 
 
 def _caption(index: int) -> str:
@@ -98,7 +98,8 @@ def _source(kind: str, root: Path, **kwargs):
     if kind == "save_to_disk":
         return load_train_dataset(dataset_name=str(root / "saved"), **kwargs)
     if kind == "wds":
-        return load_train_dataset(train_shards_path_or_url=str(root / "shard-{00000..00001}.tar"), **kwargs)
+        return load_train_dataset(train_shards_path_or_url=str(root / "shard-{00000..00001}.tar"), cache_dir=cache,
+                                  **kwargs)
     if kind == "wds-stream":
         return load_train_dataset(train_shards_path_or_url=str(root / "shard-{00000..00001}.tar"), streaming=True,
                                   **kwargs)
@@ -187,13 +188,13 @@ def test_caption_lists_pick_one_caption_per_sample_deterministically(tmp_path):
 def test_compressed_shards_are_streamed(tmp_path, data_root):
     import gzip
 
-    from lcm_kit.training.data import StreamingTarSource
+    from lcm_kit.training.data import WebDatasetStream
 
     for shard in range(2):
         data = (data_root / f"shard-{shard:05d}.tar").read_bytes()
         (tmp_path / f"s{shard}.tar.gz").write_bytes(gzip.compress(data))
     source = load_train_dataset(train_shards_path_or_url=str(tmp_path / "s{0,1}.tar.gz"))
-    assert isinstance(source, StreamingTarSource) and not source.is_map_style
+    assert isinstance(source, WebDatasetStream) and not source.is_map_style
     loader = build_dataloader(source, RES, True, False, batch_size=4, num_workers=2, seed=0)
     seen = {c: p for b in loader for c, p in zip(b["captions"], b["pixel_values"])}
     assert sorted(seen) == sorted(_caption(i) for i in range(NUM))
@@ -204,6 +205,205 @@ def test_expand_shard_pattern():
     assert expand_shard_pattern("d/{008..011}.tar") == ["d/008.tar", "d/009.tar", "d/010.tar", "d/011.tar"]
     assert expand_shard_pattern("a-{x,y}-{1..2}.tar::b.tar") == ["a-x-1.tar", "a-x-2.tar", "a-y-1.tar",
                                                                "a-y-2.tar", "b.tar"]
+    assert expand_shard_pattern(["a/{0..1}.tar", "b.tar"]) == ["a/0.tar", "a/1.tar", "b.tar"]
+    with pytest.raises(ValueError, match=r"cannot expand 'd/\{abc\}.tar'"):
+        expand_shard_pattern("d/{abc}.tar")
+    with pytest.raises(ValueError, match="train_shards_path_or_url pattern 'd/{0..2.tar'"):
+        expand_shard_pattern("d/{0..2.tar")
+
+
+# ------------------------------------------------------------------------------------- webdataset shards
+
+NUM_SHARDS, PER_SHARD = 4, 5
+
+
+def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """A real webdataset tar: members ``<key>.<ext>`` in sample order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _shard_image(index: int) -> Image.Image:
+    rng = np.random.RandomState(100 + index)
+    height, width = int(rng.randint(RES + 2, 2 * RES)), int(rng.randint(RES + 2, 2 * RES))
+    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    """4 shards of 5 samples (png + txt), as .tar and as .tar.gz."""
+    import gzip
+
+    root = tmp_path_factory.mktemp("shards")
+    for shard in range(NUM_SHARDS):
+        indices = range(shard * PER_SHARD, (shard + 1) * PER_SHARD)
+        path = root / f"shard-{shard:04d}.tar"
+        _write_shard(path, {f"k{i:04d}": {"png": _png(_shard_image(i)), "txt": f" shard caption {i}\n".encode()}
+                            for i in indices})
+        (root / f"shard-{shard:04d}.tar.gz").write_bytes(gzip.compress(path.read_bytes()))
+    return root
+
+
+SHARD_CAPTIONS = sorted(f"shard caption {i}" for i in range(NUM_SHARDS * PER_SHARD))
+
+
+def _batches(loader) -> list[tuple[list[str], torch.Tensor]]:
+    return [(batch["captions"], batch["pixel_values"]) for batch in loader]
+
+
+def _assert_same_batches(got, want):
+    assert [captions for captions, _ in got] == [captions for captions, _ in want]
+    for (_, got_pixels), (_, want_pixels) in zip(got, want):
+        assert torch.equal(got_pixels, want_pixels)
+
+
+def _by_caption(batches) -> dict[str, torch.Tensor]:
+    return {c: p for captions, pixels in batches for c, p in zip(captions, pixels)}
+
+
+def _set_epoch(loader, epoch):
+    """What the trainers do at the start of every epoch (lcm_kit.training.loop)."""
+    for holder in (loader, getattr(loader, "dataset", None)):
+        if hasattr(holder, "set_epoch"):
+            holder.set_epoch(epoch)
+
+
+def test_local_shards_are_map_style_deterministic_and_resume_exactly(shard_dir):
+    from accelerate import Accelerator
+
+    from lcm_kit.training.data import WebDatasetShards
+
+    source = load_train_dataset(train_shards_path_or_url=str(shard_dir / "shard-{0000..0003}.tar"),
+                                cache_dir=str(shard_dir / ".hf-cache"))
+    assert isinstance(source, WebDatasetShards) and source.is_map_style
+    assert len(source) == NUM_SHARDS * PER_SHARD and (source.image_column, source.caption_column) == ("png", "txt")
+    image, caption = source.get_raw(7)
+    assert caption == "shard caption 7"  # text members are stripped
+    assert np.array_equal(np.asarray(image), np.asarray(_shard_image(7)))
+
+    def loader(workers, seed=4):
+        return build_dataloader(source, RES, center_crop=False, random_flip=True, batch_size=3,
+                                num_workers=workers, seed=seed)
+
+    two_workers = loader(2)
+    reference = [_batches(two_workers) for _ in range(2)]
+    again = loader(2)
+    for epoch in range(2):
+        _assert_same_batches(_batches(again), reference[epoch])  # same seed, same batches
+    no_workers = loader(0)
+    for epoch in range(2):
+        _assert_same_batches(_batches(no_workers), reference[epoch])  # independent of num_workers
+    assert [c for b in reference[0] for c in b[0]] != [c for b in reference[1] for c in b[0]]
+    assert sorted(c for b in reference[1] for c in b[0]) == SHARD_CAPTIONS
+    assert [c for b in _batches(loader(2, seed=5)) for c in b[0]] != [c for b in reference[0] for c in b[0]]
+
+    accelerator = Accelerator(cpu=True)
+    resumed = accelerator.prepare(loader(2))
+    _set_epoch(resumed, 1)
+    rest = _batches(accelerator.skip_first_batches(resumed, 3))
+    _assert_same_batches(rest, reference[1][3:])
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "pipe"])
+def test_streamed_shards_are_deterministic_and_resume_exactly(kind, shard_dir):
+    from accelerate import Accelerator
+
+    from lcm_kit.training.data import WebDatasetStream
+
+    pattern = {"tar": str(shard_dir / "shard-{0000..0003}.tar"), "tar.gz": str(shard_dir / "shard-{0000..0003}.tar.gz"),
+               "pipe": f"pipe:cat {shard_dir}/shard-{{0000..0001}}.tar::pipe:cat {shard_dir}/shard-{{0002..0003}}.tar"}
+    source = load_train_dataset(train_shards_path_or_url=pattern[kind], streaming=True if kind == "tar" else None)
+    assert isinstance(source, WebDatasetStream) and not source.is_map_style
+    assert (source.image_column, source.caption_column) == ("png", "txt")
+
+    def loader(workers, seed=4):
+        return build_dataloader(source, RES, center_crop=False, random_flip=True, batch_size=3,
+                                num_workers=workers, seed=seed)
+
+    two_workers = loader(2)
+    reference = [_batches(two_workers) for _ in range(2)]
+    again = loader(2)
+    for epoch in range(2):
+        _assert_same_batches(_batches(again), reference[epoch])  # same seed and workers: the same stream
+    orders = [[c for b in epoch for c in b[0]] for epoch in reference]
+    assert sorted(orders[0]) == sorted(orders[1]) == SHARD_CAPTIONS and orders[0] != orders[1]
+    # the order depends on the workers, each sample's caption, crop and flip do not
+    pixels = _by_caption(reference[0])
+    single = _by_caption(_batches(loader(0)))
+    assert sorted(single) == SHARD_CAPTIONS
+    assert all(torch.equal(single[c], pixels[c]) for c in SHARD_CAPTIONS)
+    index = 13
+    expected = preprocess_image(_shard_image(index), RES, True, False)
+    centred = _by_caption(_batches(build_dataloader(source, RES, True, False, 4, 0, seed=0, shuffle=False)))
+    assert torch.equal(centred[f"shard caption {index}"], expected)
+
+    accelerator = Accelerator(cpu=True)
+    uninterrupted = accelerator.prepare(loader(2))
+    _set_epoch(uninterrupted, 1)
+    want = _batches(uninterrupted)
+    _assert_same_batches(want, reference[1])
+    resumed = accelerator.prepare(loader(2))
+    _set_epoch(resumed, 1)
+    _assert_same_batches(_batches(accelerator.skip_first_batches(resumed, 2)), want[2:])
+
+
+def test_shard_samples_lacking_a_member_are_reported(tmp_path, caplog):
+    samples = {f"k{i:04d}": {"png": _png(_shard_image(i)), "txt": f"caption {i}".encode()} for i in range(6)}
+    del samples["k0003"]["txt"]
+    del samples["k0004"]["png"]
+    _write_shard(tmp_path / "gaps.tar", samples)
+    pattern = str(tmp_path / "gaps.tar")
+    with caplog.at_level("WARNING", logger="lcm_kit.training.data"):
+        source = load_train_dataset(train_shards_path_or_url=pattern, cache_dir=str(tmp_path / "hf"))
+    assert len(source) == 4
+    assert "2 of 6 samples lack a 'png' or 'txt' member" in caplog.text and "'k0003'" in caplog.text
+    captions = [c for b in build_dataloader(source, RES, True, False, 4, 0, 0, shuffle=False) for c in b["captions"]]
+    assert captions == ["caption 0", "caption 1", "caption 2", "caption 5"]
+
+    caplog.clear()
+    stream = load_train_dataset(train_shards_path_or_url=pattern, streaming=True)
+    with caplog.at_level("WARNING", logger="lcm_kit.training.data"):
+        captions = [c for b in build_dataloader(stream, RES, True, False, 4, 0, 0, shuffle=False)
+                    for c in b["captions"]]
+    assert captions == ["caption 0", "caption 1", "caption 2", "caption 5"]
+    assert "'k0003'" in caplog.text and "lacks a 'txt' member" in caplog.text
+    assert "'k0004'" in caplog.text and "lacks a 'png' member" in caplog.text
+    assert "(2 skipped so far" in caplog.text
+
+
+def test_shards_whose_metadata_changes_type_load_map_style(tmp_path):
+    """img2dataset-style shards: the json metadata member has fields that are null in the first samples."""
+    samples = {f"k{i:04d}": {"jpg": _png(_shard_image(i)), "txt": f"caption {i}".encode(),
+                             "json": json.dumps({"error_message": None if i < 6 else "late", "width": 8}).encode()}
+               for i in range(10)}
+    _write_shard(tmp_path / "meta.tar", samples)
+    source = load_train_dataset(train_shards_path_or_url=str(tmp_path / "meta.tar"), cache_dir=str(tmp_path / "hf"))
+    assert len(source) == 10 and (source.image_column, source.caption_column) == ("jpg", "txt")
+    assert source.get_raw(8)[1] == "caption 8"
+    json_captions = {f"k{i:04d}": {"png": _png(_shard_image(i)),
+                                   "json": json.dumps({"caption": [f"{i}-a", f"{i}-b"], "extra": None}).encode()}
+                     for i in range(4)}
+    _write_shard(tmp_path / "lists.tar", json_captions)
+    source = load_train_dataset(train_shards_path_or_url=str(tmp_path / "lists.tar"), cache_dir=str(tmp_path / "hf"))
+    assert source.caption_column == "json" and source.get_raw(2)[1] == ["2-a", "2-b"]
+
+
+def test_shards_without_webdataset_installed_say_how_to_install(monkeypatch, shard_dir):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # makes `import webdataset` fail
+    with pytest.raises(ImportError, match="pip install webdataset"):
+        load_train_dataset(train_shards_path_or_url=str(shard_dir / "shard-0000.tar.gz"))
 
 
 # ----------------------------------------------------------------------------------------- transforms
@@ -213,10 +413,10 @@ def test_resize_shorter_side_center_crop_matches_pil_and_value_range():
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 40, 3), dtype=np.uint8))
     out = preprocess_image(image, 10, center_crop=True, random_flip=False)
     reference = np.asarray(image.resize((20, 10), Image.BILINEAR).crop((5, 0, 15, 10)), dtype=np.float32)
-    torch.testing.assert_close(out.pixel_values, torch.from_numpy(reference / 127.5 - 1).permute(2, 0, 1))
-    assert out.original_size == (20, 40) and out.resized_size == (10, 20) and out.crop_top_left == (0, 5)
+    torch.testing.assert_close(out, torch.from_numpy(reference / 127.5 - 1).permute(2, 0, 1))
+    assert out.dtype == torch.float32 and out.shape == (3, 10, 10)
     extremes = Image.fromarray(np.array([[[0, 0, 0], [255, 255, 255]]] * 2, dtype=np.uint8))
-    values = preprocess_image(extremes, 2, True, False).pixel_values
+    values = preprocess_image(extremes, 2, True, False)
     assert values.min().item() == -1.0 and values.max().item() == 1.0
 
 
@@ -229,18 +429,20 @@ def test_random_crop_and_flip_follow_the_rng():
     lefts, flips = set(), set()
     for seed in range(40):
         out = preprocess_image(image, 8, center_crop=False, random_flip=True, rng=np.random.default_rng(seed))
-        red = ((out.pixel_values[0] + 1) * 127.5).round().long()
+        red = ((out[0] + 1) * 127.5).round().long()
         columns = (red[0] // 10).tolist()
-        if out.flipped:
+        flipped = columns[0] > columns[-1]
+        if flipped:
             columns = columns[::-1]
-            assert out.crop_top_left[1] == width - 8 - columns[0]  # corner in the mirrored image
-        else:
-            assert out.crop_top_left == (0, columns[0])
         assert columns == list(range(columns[0], columns[0] + 8))
+        # the draws, in order: crop top, crop left, then the flip
+        replay = np.random.default_rng(seed)
+        assert int(replay.integers(0, 1)) == 0 and int(replay.integers(0, width - 8 + 1)) == columns[0]
+        assert flipped == bool(replay.random() < 0.5)
         lefts.add(columns[0])
-        flips.add(out.flipped)
+        flips.add(flipped)
         again = preprocess_image(image, 8, False, True, rng=np.random.default_rng(seed))
-        assert torch.equal(out.pixel_values, again.pixel_values)
+        assert torch.equal(out, again)
     assert len(lefts) > 5 and flips == {True, False}
 
 
@@ -249,7 +451,7 @@ def test_non_rgb_images_become_rgb(data_root):
     image, _ = source.get_raw(2)  # saved as greyscale
     assert image.mode == "RGB"
     transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
-    out = preprocess_image(transparent, 4, True, False).pixel_values
+    out = preprocess_image(transparent, 4, True, False)
     assert torch.allclose(out, torch.ones_like(out))  # transparent pixels composited over white
 
 
@@ -392,7 +594,7 @@ def test_cache_contents_equal_direct_encoding_and_feed_the_loader(tmp_path, data
         index = int(item["captions"].split()[-1])
         processed = preprocess_image(_image(index).convert("RGB"), RES, False, False,
                                      rng=np.random.default_rng([0, 0, i]))
-        torch.testing.assert_close(item["latents"], enc.images(processed.pixel_values[None])[0])
+        torch.testing.assert_close(item["latents"], enc.images(processed[None])[0])
         torch.testing.assert_close(item["prompt_embeds"], enc.prompts([_caption(index)])["prompt_embeds"][0])
     loader = build_dataloader(cache, RES, False, False, batch_size=4, num_workers=2, seed=0)
     batches = list(loader)
@@ -462,7 +664,7 @@ def test_cache_with_the_tiny_vae_and_text_encoder_round_trips(tmp_path, data_roo
         cache = build_encoded_cache(source, encode_images, encode_prompts, 32, True, False, tmp_path,
                                     fingerprint={"vae": "tiny-sd1", "dtype": "float32"}, batch_size=4)
         item = cache[1]
-        pixels = preprocess_image(source.get_raw(1)[0], 32, True, False).pixel_values[None]
+        pixels = preprocess_image(source.get_raw(1)[0], 32, True, False)[None]
         torch.testing.assert_close(item["latents"], encode_images(pixels)[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(item["prompt_embeds"], encode_prompts([_caption(1)])["prompt_embeds"][0],
                                    rtol=1e-5, atol=1e-5)

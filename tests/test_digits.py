@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from lcm_kit import digits
-from lcm_kit.training import teacher as teacher_training
-
+from lcm_kit.digits import data as digits_data
+from lcm_kit.digits import teacher as teacher_training
+from lcm_kit.digits import teacher_report
+from lcm_kit.digits.tokenizer import build_caption_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------- data
 
@@ -20,7 +22,7 @@ def test_split_is_deterministic_disjoint_stratified():
     assert np.array_equal(train, train2) and np.array_equal(heldout, heldout2)
     assert len(train) + len(heldout) == 1797 and len(heldout) == 360
     assert not set(train) & set(heldout)
-    _, labels = digits._raw_digits()
+    _, labels = digits_data._raw_digits()
     for d in range(10):  # stratified: each digit ~20% held out
         fraction = (labels[heldout] == d).sum() / (labels == d).sum()
         assert abs(fraction - 0.2) < 0.02
@@ -41,7 +43,7 @@ def test_upscale_values_and_layout():
     assert images.shape == (360, 3, 32, 32) and labels.shape == (360,)
     assert images.min() >= -1.0 and images.max() <= 1.0
     # bicubic keeps the 8x8 content: average-pooling back to 8x8 is close to the original scan
-    raw_all, raw_labels = digits._raw_digits()
+    raw_all, raw_labels = digits_data._raw_digits()
     _, heldout = digits.split_indices()
     pooled = torch.nn.functional.avg_pool2d((images[:, :1] + 1) / 2, 4)[:, 0]
     error = (pooled - torch.as_tensor(raw_all[heldout] / 16.0)).abs()
@@ -86,7 +88,7 @@ def test_dataset_is_reproducible_and_varies_by_epoch():
 def test_small_tokenizer_matches_full_clip_on_captions(tmp_path):
     from lcm_kit.testing import clip_tokenizer
 
-    small = teacher_training.build_caption_tokenizer(digits.caption_vocabulary(), tmp_path / "tok")
+    small = build_caption_tokenizer(digits.caption_vocabulary(), tmp_path / "tok")
     full = clip_tokenizer()
     texts = [t.format(n=d, word=digits.DIGIT_WORDS[d]) for d in range(10) for t in digits.CAPTION_TEMPLATES]
     for text in texts + [""]:
@@ -111,7 +113,7 @@ def _tiny_config(**overrides):
 
 def test_teacher_stages_are_deterministic(tmp_path):
     config = _tiny_config(seed=5)
-    tokenizer = teacher_training.build_caption_tokenizer(digits.caption_vocabulary(), tmp_path / "tok")
+    tokenizer = build_caption_tokenizer(digits.caption_vocabulary(), tmp_path / "tok")
     images, labels = digits.load_split("train")
     images, labels = images[:16], labels[:16]
 
@@ -148,7 +150,7 @@ def test_train_teacher_saves_a_stock_folder(tmp_path):
     assert pipe.unet.dtype == torch.float32  # stored float16, loads float32
     out = pipe("a handwritten 3", num_inference_steps=2, output_type="pt").images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
-    readme = teacher_training.write_teacher_readme(tmp_path / "a", record).read_text()
+    readme = teacher_report.write_teacher_readme(tmp_path / "a", record).read_text()
     assert "python train_teacher.py" in readme and "seed: 5" in readme
     with pytest.raises(ValueError, match="caption_dropout"):
         _tiny_config(caption_dropout=1.5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lcm_kit import digits
+from lcm_kit.digits.classifier import accuracy
 from lcm_kit.eval import (
     evaluate_images,
     evaluate_pipeline,
@@ -15,7 +16,7 @@ from lcm_kit.eval import (
     load_classifier,
     make_scheduler,
 )
-from lcm_kit.eval.classifier import DigitClassifier, accuracy
+from lcm_kit.eval.classifier import DigitClassifier
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -138,7 +139,7 @@ def test_format_table_ratio_to_25_step_teacher():
 
 
 def test_eval_cli_writes_json(tmp_path, capsys):
-    from lcm_kit.eval.cli import eval_main
+    from lcm_kit.commands.eval import eval_main
 
     out = tmp_path / "metrics.json"
     assert eval_main(["--scheduler", "ddim", "lcm", "--steps", "1", "--guidance_scale", "3", "--num_per_digit", "2",

@@ -1,4 +1,4 @@
-"""Fused LoRA forward (``lcm_kit.lora.fused_lora_forward``): one op per LoRA layer with ``W + s·B·A`` built
+"""Fused LoRA forward (``lcm_kit.training.fused_lora.fused_lora_forward``): one op per LoRA layer with ``W + s·B·A`` built
 differentiably must be peft's unfused ``base(x) + B(A(x))·s`` — same outputs, same gradients of lora_A / lora_B —
 for Linear and Conv2d layers (1x1, 3x3, strided) and for the whole tiny UNet; adapter-disabled (teacher) forwards
 are untouched, and the LCM objective's loss and gradients do not change when it fuses.
@@ -12,19 +12,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from lcm_kit.lora import add_lcm_lora, fused_lora_forward, lora_fusion_blockers
+from lcm_kit.lora import add_lcm_lora
 from lcm_kit.testing import tiny_unet
+from lcm_kit.training.fused_lora import fused_lora_forward, lora_fusion_blockers
 
 RANK, ALPHA = 4, 8  # alpha != rank: the scaling (2) must enter the fused weight
 RANK_PATTERN, ALPHA_PATTERN = {"to_k": 2}, {"conv1": 3}  # per-module scalings too
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def lora_unet(dtype=torch.float64, dropout=0.0, seed=0):
@@ -169,23 +162,15 @@ def test_dropout_blocks_fusion_explicitly():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _objective(**overrides):
-    from test_lcm_distill import make_objective
-
-    return make_objective("lora", **overrides)[0]
-
-
-def test_objective_fuses_student_and_target_and_keeps_loss_and_gradients():
-    from test_lcm_distill import _randomize_lora, fixed_batch
-
-    objective = _objective()
+def test_objective_fuses_student_and_target_and_keeps_loss_and_gradients(lcm_objective, lcm_batch, randomize_lora):
+    objective, _ = lcm_objective("lora")
     assert objective.fuse_student_lora and objective.fuse_target_lora
-    _randomize_lora(objective.unet)
+    randomize_lora(objective.unet)
     results = []
     for fused in (False, True):
         objective.fuse_student_lora = objective.fuse_target_lora = fused
         objective.unet.zero_grad(set_to_none=True)
-        loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+        loss, _ = objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in lora_params(objective.unet).items()}))
     (loss_ref, grads_ref), (loss_fused, grads_fused) = results
@@ -198,26 +183,24 @@ def test_objective_fuses_student_and_target_and_keeps_loss_and_gradients():
         torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=0, atol=5e-4 * scale, msg=name)
 
 
-def test_objective_falls_back_to_peft_with_dropout_and_keeps_target_fused_with_checkpointing():
-    objective = _objective(lora_dropout=0.1)
+def test_objective_falls_back_to_peft_with_dropout_and_keeps_target_fused_with_checkpointing(lcm_objective):
+    objective, _ = lcm_objective("lora", lora_dropout=0.1)
     assert not objective.fuse_student_lora and not objective.fuse_target_lora
-    objective = _objective(gradient_checkpointing=True)
+    objective, _ = lcm_objective("lora", gradient_checkpointing=True)
     assert objective.fuse_target_lora and not objective.fuse_student_lora
 
 
-def test_objective_fused_under_bf16_mixed_precision_matches_unfused():
+def test_objective_fused_under_bf16_mixed_precision_matches_unfused(lcm_objective, lcm_batch, randomize_lora):
     """Frozen base in bf16, adapter fp32 (the trainer's mixed-precision layout): W(bf16) + s·B·A(fp32) is formed in
     fp32 and autocast runs the op in bf16, as peft's base op; loss agrees to bf16 precision, every LoRA tensor learns."""
-    from test_lcm_distill import _randomize_lora, fixed_batch
-
-    objective = _objective(mixed_precision="bf16")
+    objective, _ = lcm_objective("lora", mixed_precision="bf16")
     assert objective.fuse_student_lora and objective.fuse_target_lora
-    _randomize_lora(objective.unet)
+    randomize_lora(objective.unet)
     losses = []
     for fused in (False, True):
         objective.fuse_student_lora = objective.fuse_target_lora = fused
         objective.unet.zero_grad(set_to_none=True)
-        loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+        loss, _ = objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
         loss.backward()
         grads = [p.grad for p in lora_params(objective.unet).values()]
         assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
@@ -232,27 +215,23 @@ def test_objective_fused_under_bf16_mixed_precision_matches_unfused():
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_torch_compile_flag_compiles_every_unet_in_place(mode):
-    from test_lcm_distill import make_objective
-
-    objective, _ = make_objective(mode, torch_compile=True)
+def test_torch_compile_flag_compiles_every_unet_in_place(mode, lcm_objective):
+    objective, _ = lcm_objective(mode, torch_compile=True)
     unets = [objective.unet, objective.teacher_unet, objective.target_unet]
     assert all(u._compiled_call_impl is not None for u in unets if u is not None)
     assert sum(u is not None for u in unets) == (1 if mode == "lora" else 3)
-    off, _ = make_objective(mode)
+    off, _ = lcm_objective(mode)
     assert off.unet._compiled_call_impl is None
 
 
 @pytest.mark.slow
-def test_torch_compile_step_matches_eager():
+def test_torch_compile_step_matches_eager(lcm_objective, lcm_batch, randomize_lora):
     """A compiled LoRA step (inductor, a few minutes of compile on 2 CPU cores) gives the eager loss."""
-    from test_lcm_distill import _randomize_lora, fixed_batch, make_objective
-
     losses = []
     for compiled in (False, True):
-        objective, _ = make_objective("lora", torch_compile=compiled)
-        _randomize_lora(objective.unet)
-        loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+        objective, _ = lcm_objective("lora", torch_compile=compiled)
+        randomize_lora(objective.unet)
+        loss, _ = objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
         loss.backward()
         losses.append(loss.item())
     assert abs(losses[1] - losses[0]) <= 1e-4 * abs(losses[0])

@@ -11,30 +11,23 @@ The formulas are written out here independently of lcm_kit.consistency.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lcm_kit.training.lcm_distill import (
-    LCMDistillation,
-    LCMDistillationConfig,
-    consistency_function,
-    lcm_distillation_loss,
-    sample_skip_timesteps,
-)
+from lcm_kit.consistency import lcm_consistency_function as consistency_function
+from lcm_kit.training.losses import LCMDistillationConfig, LCMDistillationLoss, sample_skip_timesteps
+from lcm_kit.utils import ema_update_
 
 MU, S = 0.3, 0.6
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread is several times faster than two fighting other processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def lcm_distillation_loss(latents, noise, start, prev, w, student, teacher, target, alphas, config):
+    """One LCD step with every draw given: ``student(x, t)`` / ``target(x, t)`` take no guidance weight here."""
+    loss = LCMDistillationLoss(alphas, config)
+    return loss(lambda x, t, w: student(x, t), teacher, lambda x, t, w: target(x, t), latents,
+                timesteps=(start, prev), noise=noise, w=w)
 
 
 def _a(t):
@@ -143,7 +136,7 @@ def test_training_target_is_the_exact_consistency_function(prediction_type, solv
     target_error = (out.target.double() - endpoint).abs().mean()
     wrong_error = (wrong.prediction.double() - endpoint).abs().mean()
     assert target_error < (0.05 if solver == "ddim" else 0.005) * wrong_error, (target_error, wrong_error)
-    assert out.loss < 1e-2 * wrong.loss, (out.loss, wrong.loss)
+    assert out.loss.mean() < 1e-2 * wrong.loss.mean(), (out.loss, wrong.loss)
 
 
 def test_guidance_uses_lcm_convention_in_x0_space():
@@ -203,61 +196,17 @@ def test_config_rejects_bad_values():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_args(mode="lora", **overrides):
-    from lcm_kit.training.args import build_lcm_lora_parser, build_lcm_parser
-
-    parser = build_lcm_lora_parser() if mode == "lora" else build_lcm_parser()
-    args = parser.parse_args(["--pretrained_teacher_model", "tiny", "--dataset_name", "unused", "--output_dir",
-                              "unused", "--resolution", "32", "--report_to", "none", "--lora_rank", "4"]
-                             if mode == "lora" else
-                             ["--pretrained_teacher_model", "tiny", "--dataset_name", "unused", "--output_dir",
-                              "unused", "--resolution", "32", "--report_to", "none",
-                              "--unet_time_cond_proj_dim", "32"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
-def make_objective(mode="lora", kind="sd1", mixed_precision="no", **overrides):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from lcm_kit.testing import tiny_sd_components
-
-    args = make_args(mode, **overrides)
-    AcceleratorState._reset_state(reset_partial_state=True)  # each test its own precision
-    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
-    torch.manual_seed(0)
-    components = tiny_sd_components(kind)
-    components["scheduler"] = DDPMScheduler.from_config(components["scheduler"].config)
-    objective = LCMDistillation(args, accelerator, mode=mode, components=components)
-    objective.set_prepared_modules([objective.unet])
-    return objective, components
-
-
-def fixed_batch(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, "captions": ["a red cube", "a cat"][:n]}
-
-
-def _randomize_lora(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def test_lora_teacher_is_the_base_with_the_adapter_disabled_in_one_batched_forward():
+def test_lora_teacher_is_the_base_with_the_adapter_disabled_in_one_batched_forward(lcm_objective, lcm_batch,
+                                                                                   randomize_lora):
     """The LoRA objective keeps ONE UNet; the teacher's cond+uncond run as one forward of 2B through the base
     weights (== the original teacher, adapter off), and a DDIM step costs exactly 3 UNet calls."""
     from diffusers import UNet2DConditionModel
 
     from lcm_kit.testing import tiny_unet
 
-    objective, _ = make_objective("lora")
+    objective, _ = lcm_objective("lora")
     reference_teacher = tiny_unet("sd1")  # same seed as tiny_sd_components: the untouched teacher
-    _randomize_lora(objective.unet)
+    randomize_lora(objective.unet)
     unets = {id(m) for m in vars(objective).values() if isinstance(m, UNet2DConditionModel)}
     assert unets == {id(objective.unet)} and objective.teacher_unet is None
 
@@ -273,8 +222,8 @@ def test_lora_teacher_is_the_base_with_the_adapter_disabled_in_one_batched_forwa
         return out
 
     objective.unet.forward = spy
-    batch = fixed_batch()
-    loss, _ = objective.compute_loss(batch, 0, torch.Generator().manual_seed(0))
+    batch = lcm_batch()
+    loss, _ = objective.compute_loss(objective.unet, batch, 0, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
     assert [(c[0], c[1]) for c in calls] == [(2, True), (4, False), (2, True)]
     _, _, x, t, embeds, out = calls[1]
@@ -284,34 +233,34 @@ def test_lora_teacher_is_the_base_with_the_adapter_disabled_in_one_batched_forwa
     torch.testing.assert_close(embeds[2:], objective.uncond_embeds.expand(2, -1, -1))  # empty-prompt uncond half
 
 
-def test_heun_costs_one_more_teacher_call():
-    objective, _ = make_objective("lora", solver="heun")
+def test_heun_costs_one_more_teacher_call(lcm_objective, lcm_batch):
+    objective, _ = lcm_objective("lora", solver="heun")
     count = []
     forward = objective.unet.forward
     objective.unet.forward = lambda *a, **k: count.append(a[0].shape[0]) or forward(*a, **k)
-    objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
     assert count == [2, 4, 4, 2]
 
 
-def test_lora_mixed_precision_keeps_frozen_base_low_precision_and_adapter_fp32():
-    objective, _ = make_objective("lora", mixed_precision="bf16")
+def test_lora_mixed_precision_keeps_frozen_base_low_precision_and_adapter_fp32(lcm_objective, lcm_batch):
+    objective, _ = lcm_objective("lora", mixed_precision="bf16")
     dtypes = {(("lora_" in n), p.dtype) for n, p in objective.unet.named_parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     assert all(p.requires_grad == ("lora_" in n) for n, p in objective.unet.named_parameters())
     assert next(objective.text_encoder.parameters()).dtype == torch.bfloat16
-    loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    loss, _ = objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
     loss.backward()
     grads = [p.grad for n, p in objective.unet.named_parameters() if "lora_" in n]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
 
 
-def test_loss_decreases_on_a_fixed_batch():
-    objective, _ = make_objective("lora", lora_rank=8)
-    optimizer = torch.optim.AdamW(objective.trainable_parameters(), lr=3e-3)
-    batch = fixed_batch()
+def test_loss_decreases_on_a_fixed_batch(lcm_objective, lcm_batch):
+    objective, _ = lcm_objective("lora", lora_rank=8)
+    optimizer = torch.optim.AdamW([p for p in objective.unet.parameters() if p.requires_grad], lr=3e-3)
+    batch = lcm_batch()
     losses = []
     for _ in range(25):
-        loss, _ = objective.compute_loss(batch, 0, torch.Generator().manual_seed(0))  # same draws every step
+        loss, _ = objective.compute_loss(objective.unet, batch, 0, torch.Generator().manual_seed(0))  # same draws
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -320,10 +269,10 @@ def test_loss_decreases_on_a_fixed_batch():
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
-def test_full_student_starts_as_the_teacher_and_ema_target_follows(kind):
+def test_full_student_starts_as_the_teacher_and_ema_target_follows(kind, lcm_objective, lcm_batch):
     """Full mode: the student has the w-embedding input, is initialised to the teacher exactly (zero guidance
     projection) and the EMA target moves by (1 - decay) toward it after each optimiser step."""
-    objective, components = make_objective("full", kind=kind, ema_decay=0.9)
+    objective, components = lcm_objective("full", kind=kind, ema_decay=0.9)
     assert objective.config.prediction_type == ("v_prediction" if kind == "sd2" else "epsilon")
     assert objective.unet.config.time_cond_proj_dim == 32 and objective.teacher_unet.config.time_cond_proj_dim is None
     g = torch.Generator().manual_seed(0)
@@ -333,43 +282,47 @@ def test_full_student_starts_as_the_teacher_and_ema_target_follows(kind):
         torch.testing.assert_close(objective.unet(x, t, e, timestep_cond=w_emb).sample,
                                    objective.teacher_unet(x, t, e).sample, atol=1e-5, rtol=1e-5)
     before = [p.detach().clone() for p in objective.target_unet.parameters()]
-    optimizer = torch.optim.SGD(objective.trainable_parameters(), lr=1e-2)
-    loss, _ = objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(objective.unet.parameters(), lr=1e-2)
+    loss, _ = objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
     loss.backward()
     optimizer.step()
-    objective.after_optimizer_step(0)
+    (target, decay), = objective.averaged_models().values()  # what the loop updates after each optimiser step
+    assert target is objective.target_unet and decay(0) == 0.9
+    ema_update_(target, objective.unet, decay(0))
     for old, new, student in zip(before, objective.target_unet.parameters(), objective.unet.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * student.detach(), atol=1e-6, rtol=1e-6)
     assert any(not torch.equal(o, n) for o, n in zip(before, objective.target_unet.parameters()))
 
 
-def test_checkpoint_state_round_trip_holds_only_what_is_trained():
-    objective, _ = make_objective("lora")
-    _randomize_lora(objective.unet, seed=1)
-    state = {k: v.clone() for k, v in objective.checkpoint_state().items()}
+def test_checkpoint_state_round_trip_holds_only_what_is_trained(lcm_objective, randomize_lora):
+    from lcm_kit.training.checkpoints import load_objective_state, objective_state
+
+    objective, _ = lcm_objective("lora")
+    randomize_lora(objective.unet, seed=1)
+    state = {k: v.clone() for k, v in objective_state(objective, objective.unet).items()}
     assert state and all("lora_" in k for k in state)
-    other, _ = make_objective("lora")
-    other.load_checkpoint_state(state)
-    for k, v in other.checkpoint_state().items():
+    other, _ = lcm_objective("lora")
+    load_objective_state(other, other.unet, state)
+    for k, v in objective_state(other, other.unet).items():
         torch.testing.assert_close(v, state[k], atol=0, rtol=0)
     with pytest.raises(ValueError, match="missing"):
-        other.load_checkpoint_state({k: v for k, v in list(state.items())[1:]})
+        load_objective_state(other, other.unet, {k: v for k, v in list(state.items())[1:]})
 
 
-def test_cached_posterior_gives_the_same_loss_as_pixels():
+def test_cached_posterior_gives_the_same_loss_as_pixels(lcm_objective, lcm_batch):
     """``--cache_latents`` stores the VAE posterior; sampling it with the step generator reproduces the uncached
     step's latents, so cached and uncached training see the same data."""
-    objective, _ = make_objective("lora")
-    batch = fixed_batch()
-    direct, _ = objective.compute_loss(batch, 0, torch.Generator().manual_seed(7))
+    objective, _ = lcm_objective("lora")
+    batch = lcm_batch()
+    direct, _ = objective.compute_loss(objective.unet, batch, 0, torch.Generator().manual_seed(7))
     cached_batch = {"latents": objective.encode_images(batch["pixel_values"]),
                     **objective.encode_prompts(batch["captions"])}
-    cached, _ = objective.compute_loss(cached_batch, 0, torch.Generator().manual_seed(7))
+    cached, _ = objective.compute_loss(objective.unet, cached_batch, 0, torch.Generator().manual_seed(7))
     torch.testing.assert_close(cached, direct, atol=1e-6, rtol=1e-5)
 
 
-def test_cache_fingerprint_changes_with_the_encoders():
-    objective, _ = make_objective("lora")
+def test_cache_fingerprint_changes_with_the_encoders(lcm_objective):
+    objective, _ = lcm_objective("lora")
     first = objective.cache_fingerprint()
     assert first == objective.cache_fingerprint()
     with torch.no_grad():
@@ -377,10 +330,66 @@ def test_cache_fingerprint_changes_with_the_encoders():
     assert objective.cache_fingerprint() != first
 
 
-def test_proportion_empty_prompts_replaces_captions_with_the_unconditional_embedding():
-    objective, _ = make_objective("lora", proportion_empty_prompts=1.0)
+def test_proportion_empty_prompts_replaces_captions_with_the_unconditional_embedding(lcm_objective, lcm_batch):
+    objective, _ = lcm_objective("lora", proportion_empty_prompts=1.0)
     seen = []
     forward = objective.unet.forward
     objective.unet.forward = lambda s, t, **k: seen.append(k["encoder_hidden_states"].clone()) or forward(s, t, **k)
-    objective.compute_loss(fixed_batch(), 0, torch.Generator().manual_seed(0))
+    objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(seen[0], objective.uncond_embeds.expand(2, -1, -1))
+
+
+def test_the_distillation_target_carries_no_gradient():
+    """The loss differentiates the student's side only: with student and target sharing a parameter, the gradient
+    equals that of the distance to the *detached* target (computing the target with gradients would add the target
+    branch's derivative and fail here)."""
+    config = LCMDistillationConfig(prediction_type="epsilon", solver="ddim", loss_type="l2")
+    x0 = gaussian_latents(16, seed=6)
+    theta = torch.tensor(1.3, requires_grad=True)
+
+    def teacher(x, t):
+        out = exact_output(x.double(), t, "epsilon").float()
+        return out, out
+
+    def network(x, t, w):  # student and target: one shared parameter, not yet the ideal consistency model
+        return theta * ideal_consistency_output(x.double(), t, "epsilon").float()
+
+    out = LCMDistillationLoss(ALPHAS.float(), config)(network, teacher, network, x0, torch.Generator().manual_seed(7))
+    assert not out.target.requires_grad and out.prediction.requires_grad
+    from lcm_kit.consistency import consistency_distance
+
+    reference = consistency_distance(out.prediction, out.target.detach(), "l2")
+    (expected,) = torch.autograd.grad(reference, theta, retain_graph=True)
+    (got,) = torch.autograd.grad(out.loss.mean(), theta)
+    assert expected.abs() > 1e-4
+    torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-6)
+
+
+def test_lora_objective_runs_teacher_and_target_without_gradients(lcm_objective, lcm_batch, randomize_lora):
+    objective, _ = lcm_objective("lora")
+    randomize_lora(objective.unet)
+    graphs = []
+    forward = objective.unet.forward
+    objective.unet.forward = lambda *a, **k: (lambda out: graphs.append(out.sample.requires_grad) or out)(forward(*a, **k))
+    objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
+    assert graphs == [True, False, False]  # student, teacher (cond + uncond), target
+
+
+def test_full_student_and_target_get_the_guidance_embedding_of_the_drawn_w(lcm_objective, lcm_batch):
+    """The fully distilled LCM is conditioned on w through its embedding input, in the student and the target pass
+    alike (the teacher has no such input): with w fixed to 7 both see guidance_scale_embedding(7)."""
+    from lcm_kit.consistency import guidance_scale_embedding
+
+    objective, _ = lcm_objective("full", w_min=7.0, w_max=7.0)
+    seen = {}
+    for name in ("unet", "target_unet", "teacher_unet"):
+        module = getattr(objective, name)
+        forward = module.forward
+        module.forward = (lambda f, n: lambda *a, **k: (seen.__setitem__(n, k.get("timestep_cond")), f(*a, **k))[1])(
+            forward, name)
+    objective.compute_loss(objective.unet, lcm_batch(), 0, torch.Generator().manual_seed(0))
+    expected = guidance_scale_embedding(torch.full((2,), 7.0), 32)
+    for name in ("unet", "target_unet"):
+        assert seen[name] is not None, f"the {name} pass got no guidance embedding"
+        torch.testing.assert_close(seen[name], expected)
+    assert seen["teacher_unet"] is None

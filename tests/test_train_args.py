@@ -10,7 +10,7 @@ TRAINING_SOURCES = Path(__file__).resolve().parents[1] / "lcm_kit" / "training"
 
 
 def test_every_parsed_flag_is_read_by_the_training_code():
-    sources = "".join(p.read_text() for p in TRAINING_SOURCES.glob("*.py") if p.name != "args.py")
+    sources = "".join(p.read_text() for p in TRAINING_SOURCES.rglob("*.py") if p.name != "args.py")
     unread = set()
     for parser in (build_lcm_lora_parser(), build_lcm_parser()):
         for action in parser._actions:

@@ -8,28 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    CMStochasticIterativeScheduler,
-    ConsistencyModelPipeline,
-    DDPMPipeline,
-    DDPMScheduler,
-    UNet2DModel,
-)
+from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from lcm_kit.training.consistency_models import build_consistency_parser, load_teacher_denoiser, train_consistency
+from lcm_kit.training.args import build_consistency_parser
+from lcm_kit.training.cm_objective import load_teacher_denoiser
+from lcm_kit.training.train_consistency import main as train_consistency
 
 TINY_UNET = ["--block_out_channels", "16,32", "--layers_per_block", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +179,7 @@ def test_flags_are_validated_before_training(digits_folder, tmp_path):
 def test_every_consistency_flag_is_read():
     from pathlib import Path
 
-    sources = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "lcm_kit" / "training").glob("*.py")
+    sources = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "lcm_kit" / "training").rglob("*.py")
                       if p.name != "args.py")
     unread = [a.dest for a in build_consistency_parser()._actions if a.dest != "help" and f"args.{a.dest}" not in sources]
     assert not unread, f"flags parsed but never read: {unread}"

@@ -18,79 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "hf_" + "SeCrEt" * 6  # token-shaped: must never show up anywhere
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def make_image_dataset(folder: Path, n: int = 8, size: int = 40, seed: int = 0) -> Path:
-    """An imagefolder (PNG + metadata.jsonl) of smooth random colour fields with captions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(n):
-            base = rng.random((4, 4, 3))
-            image = Image.fromarray((base * 255).astype("uint8")).resize((size, size), Image.BILINEAR)
-            image.save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a colour field number {i}"}) + "\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory):
-    from lcm_kit.testing import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("kit")
-    return {
-        "sd1": save_tiny_pipeline("sd1", root / "sd1"),
-        "sd2": save_tiny_pipeline("sd2", root / "sd2"),
-        "data": make_image_dataset(root / "data"),
-    }
-
-
-def base_argv(kit, output_dir, kind="sd1", steps=4):
-    return [
-        "--pretrained_teacher_model", str(kit[kind]), "--dataset_name", str(kit["data"]),
-        "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "2",
-        "--max_train_steps", str(steps), "--seed", "3", "--report_to", "none",
-        "--checkpointing_steps", "1000", "--validation_steps", "1000", "--validation_prompts",
-    ]
-
-
 def _images(pipe, prompts=("a red square", "a blue circle"), guidance_scale=1.0):
     return pipe(list(prompts), num_inference_steps=4, guidance_scale=guidance_scale, height=32, width=32,
                 generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
-class RecordingHubClient:
-    """Stands in for huggingface_hub.HfApi (the only faked component): records what would be uploaded."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return type("RepoUrl", (), {"repo_id": f"someone/{repo_id}"})()
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        self.calls.append(("upload_folder", kwargs, {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}))
-
-
-def test_lora_run_end_to_end(kit, tmp_path, capfd):
+def test_lora_run_end_to_end(kit, tmp_path, capfd, train_argv, reset_accelerate, hub_token, hub_client):
     """A short LCM-LoRA run: the adapter file loads completely in stock diffusers and in LCMPipeline (same images),
     holds exactly the trained weights (= the last checkpoint), the kohya export gives the same images, the
     checkpoint limit holds, the validation grid and tensorboard logs exist, and the Hub upload (fake client) gets a
@@ -99,17 +32,17 @@ def test_lora_run_end_to_end(kit, tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lcm_kit.pipelines import LCMPipeline
-    from lcm_kit.training.lcm_distill import train_lcm_lora
+    from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     out = tmp_path / "lora"
-    client = RecordingHubClient()
-    argv = base_argv(kit, out, steps=4)[:-1] + [
+    client = hub_client
+    argv = train_argv(out, steps=4)[:-1] + [
         "--validation_prompts", "a red square", "a blue circle", "--validation_steps", "2",
         "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--learning_rate", "1e-3",
         "--lora_rank", "4", "--lora_alpha", "8", "--export_kohya", "--report_to", "tensorboard",
-        "--push_to_hub", "--hub_model_id", "tiny-lcm-lora", "--hub_token", TOKEN,
+        "--push_to_hub", "--hub_model_id", "tiny-lcm-lora", "--hub_token", hub_token,
     ]
-    _reset_accelerate()
+    reset_accelerate()
     result = train_lcm_lora(argv, hub_client=client)
     assert result.global_step == 4 and np.isfinite(result.last_loss)
 
@@ -139,7 +72,7 @@ def test_lora_run_end_to_end(kit, tmp_path, capfd):
     np.testing.assert_allclose(_images(lcm), stock_images, atol=1e-5)
     assert np.abs(stock_images - without).max() > 1e-3
     # the in-memory trained unet gives the same images as the file loaded in stock diffusers
-    trained_pipe = result.objective.validation_pipeline()
+    trained_pipe = result.objective.validation_pipeline(result.model)
     trained_pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(_images(trained_pipe), stock_images, atol=1e-5)
 
@@ -175,38 +108,33 @@ def test_lora_run_end_to_end(kit, tmp_path, capfd):
     captured = capfd.readouterr()
     for text in [captured.out, captured.err] + [p.read_bytes().decode("latin-1") for p in out.rglob("*")
                                                 if p.is_file()]:
-        assert TOKEN not in text
+        assert hub_token not in text
     assert "hub_token" not in json.loads((out / "training_args.json").read_text())
 
 
 def trained_pipe_images(result):
     """The validation images the loop rendered at the last step, regenerated from the trained objective."""
-    images = result.objective.validate(result.global_step)
+    images = result.objective.validate(result.model, result.global_step)
     return [np.asarray(img, dtype=np.float64) / 255.0 for img in images]
 
 
-def test_full_run_saves_the_ema_target_loadable_by_stock_and_lcm_pipelines(kit, tmp_path):
+def test_full_run_saves_the_ema_target_loadable_by_stock_and_lcm_pipelines(kit, tmp_path, train_argv, reset_accelerate):
     """Full distillation of a v-prediction (SD2-shaped) teacher: <output_dir>/unet is the EMA target (not the
     student), has the guidance embedding, and diffusers' LatentConsistencyModelPipeline and LCMPipeline produce
     the same images from it."""
-    from diffusers import (
-        AutoencoderKL,
-        LatentConsistencyModelPipeline,
-        LCMScheduler,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from lcm_kit.pipelines import LCMPipeline
-    from lcm_kit.training.lcm_distill import train_lcm
+    from lcm_kit.training.train_lcm import main as train_lcm
 
     out = tmp_path / "full"
-    argv = base_argv(kit, out, kind="sd2", steps=2)[:-1] + [
+    argv = train_argv(out, kind="sd2", steps=2)[:-1] + [
         "--learning_rate", "1e-4", "--ema_decay", "0.5", "--unet_time_cond_proj_dim", "32",
         "--checkpointing_steps", "2", "--solver", "heun", "--loss_type", "l2", "--gradient_checkpointing",
         "--validation_prompts",
     ]
-    _reset_accelerate()
+    reset_accelerate()
     result = train_lcm(argv)
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     assert unet.config.time_cond_proj_dim == 32
@@ -236,17 +164,17 @@ def test_full_run_saves_the_ema_target_loadable_by_stock_and_lcm_pipelines(kit, 
     stock_images = _images(stock, guidance_scale=8.0)
     np.testing.assert_allclose(_images(ours, guidance_scale=8.0), stock_images, atol=1e-5)
     assert np.isfinite(stock_images).all()
-    assert result.objective.inference_unet() is result.objective.target_unet
+    assert result.objective.inference_unet(result.model) is result.objective.target_unet
 
 
 def _run_script(script, argv, env_extra=None, **kwargs):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", hub_tokenIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, str(REPO / "train_scripts" / script), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_sigkill_and_resume_is_bit_exact(kit, tmp_path):
+def test_sigkill_and_resume_is_bit_exact(kit, tmp_path, train_argv):
     """A run killed with SIGKILL right after checkpoint-2 and resumed with --resume_from_checkpoint latest ends with
     the same adapter, bit for bit, as an uninterrupted run (dropout, random flips, shuffling and an epoch boundary
     included: 8 images, batch 2 -> 4 steps per epoch)."""
@@ -254,7 +182,7 @@ def test_sigkill_and_resume_is_bit_exact(kit, tmp_path):
               "--random_flip", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
 
     def argv(out):
-        return base_argv(kit, out, steps=7) + common
+        return train_argv(out, steps=7) + common
 
     reference = _run_script("train_lcm_lora.py", argv(tmp_path / "ref"))
     killed_dir = tmp_path / "killed"
@@ -282,14 +210,14 @@ def test_sigkill_and_resume_is_bit_exact(kit, tmp_path):
         assert torch.equal(ref[key], res[key]), key
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(kit, tmp_path):
-    from lcm_kit.training import NonFiniteLossError
-    from lcm_kit.training.lcm_distill import train_lcm_lora
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(kit, tmp_path, train_argv, reset_accelerate):
+    from lcm_kit.training.loop import NonFiniteLossError
+    from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     out = tmp_path / "nan"
-    argv = base_argv(kit, out, steps=6) + ["--learning_rate", "1e30", "--checkpointing_steps", "1",
+    argv = train_argv(out, steps=6) + ["--learning_rate", "1e30", "--checkpointing_steps", "1",
                                           "--max_grad_norm", "0", "--lora_rank", "4"]
-    _reset_accelerate()
+    reset_accelerate()
     with pytest.raises(NonFiniteLossError, match=r"Non-finite loss .* at step \d+.*checkpoint-\d+"):
         train_lcm_lora(argv)
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
@@ -298,36 +226,36 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(kit
     assert all(torch.isfinite(v).all() for v in last.values())
 
 
-def test_bad_input_fails_early_with_clear_errors(kit, tmp_path):
-    from lcm_kit.training.lcm_distill import train_lcm_lora
+def test_bad_input_fails_early_with_clear_errors(kit, tmp_path, train_argv, reset_accelerate):
+    from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     # a missing column is reported (with the available ones) before the teacher is even looked at
-    argv = base_argv(kit, tmp_path / "x")
+    argv = train_argv(tmp_path / "x")
     argv[argv.index("--pretrained_teacher_model") + 1] = str(tmp_path / "no-such-teacher")
-    _reset_accelerate()
+    reset_accelerate()
     with pytest.raises(ValueError, match=r"(?s)caption_column.*'nope'.*text"):
         train_lcm_lora(argv + ["--caption_column", "nope"])
     with pytest.raises(ValueError, match="w_min"):
-        train_lcm_lora(base_argv(kit, tmp_path / "x") + ["--w_min", "9", "--w_max", "3"])
+        train_lcm_lora(train_argv(tmp_path / "x") + ["--w_min", "9", "--w_max", "3"])
     with pytest.raises(ValueError, match="resume_from_checkpoint"):
-        train_lcm_lora(base_argv(kit, tmp_path / "x") + ["--resume_from_checkpoint", str(tmp_path / "nothing")])
+        train_lcm_lora(train_argv(tmp_path / "x") + ["--resume_from_checkpoint", str(tmp_path / "nothing")])
     with pytest.raises(ValueError, match="pretrained_teacher_model"):
         train_lcm_lora(argv)
     with pytest.raises(ValueError, match="lora_target_modules|target_modules"):
-        train_lcm_lora(base_argv(kit, tmp_path / "x") + ["--lora_target_modules", "to_q,not_a_module"])
+        train_lcm_lora(train_argv(tmp_path / "x") + ["--lora_target_modules", "to_q,not_a_module"])
     with pytest.raises(SystemExit):
-        train_lcm_lora(base_argv(kit, tmp_path / "x") + ["--solver", "rk4"])
+        train_lcm_lora(train_argv(tmp_path / "x") + ["--solver", "rk4"])
 
 
-def test_cached_run_matches_uncached_and_reuses_its_cache(kit, tmp_path):
+def test_cached_run_matches_uncached_and_reuses_its_cache(kit, tmp_path, train_argv, reset_accelerate):
     """--cache_latents --cache_text_embeddings: the first step's loss equals the uncached run's (the cache stores
     the VAE posterior, sampled with the same step generator); a second run reuses the cache; a different teacher
     (another fingerprint) gets its own cache."""
-    from lcm_kit.training.lcm_distill import train_lcm_lora
+    from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     def run(name, *extra, kind="sd1"):
-        _reset_accelerate()
-        argv = base_argv(kit, tmp_path / name, kind=kind, steps=1) + ["--center_crop", "--lora_rank", "4", *extra]
+        reset_accelerate()
+        argv = train_argv(tmp_path / name, kind=kind, steps=1) + ["--center_crop", "--lora_rank", "4", *extra]
         return train_lcm_lora(argv)
 
     cache = ["--cache_latents", "--cache_text_embeddings", "--cache_dir", str(tmp_path / "cache")]
@@ -346,12 +274,12 @@ def test_cached_run_matches_uncached_and_reuses_its_cache(kit, tmp_path):
     assert len([p for p in encoded.iterdir() if not p.name.startswith(".")]) == 2
 
 
-def test_webdataset_shards_with_worker_processes(kit, tmp_path):
+def test_webdataset_shards_with_worker_processes(kit, tmp_path, train_argv, reset_accelerate):
     """--train_shards_path_or_url with a brace pattern over real tar shards, 2 DataLoader workers and gradient
     accumulation."""
     import tarfile
 
-    from lcm_kit.training.lcm_distill import train_lcm_lora
+    from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     images = sorted(kit["data"].glob("*.png"))
     for shard in range(2):
@@ -361,10 +289,10 @@ def test_webdataset_shards_with_worker_processes(kit, tmp_path):
                 caption = tmp_path / f"{image.stem}.txt"
                 caption.write_text(f"caption {image.stem}")
                 tar.add(caption, arcname=f"{image.stem}.txt")
-    argv = base_argv(kit, tmp_path / "out", steps=2)
+    argv = train_argv(tmp_path / "out", steps=2)
     argv[argv.index("--dataset_name"):argv.index("--dataset_name") + 2] = [
         "--train_shards_path_or_url", str(tmp_path / "shard-{00..01}.tar")]
-    _reset_accelerate()
+    reset_accelerate()
     result = train_lcm_lora(argv + ["--dataloader_num_workers", "2", "--lora_rank", "4", "--random_flip",
                                     "--gradient_accumulation_steps", "2"])
     # 2 optimiser steps of 2 accumulated batches of 2 = the 8 samples once

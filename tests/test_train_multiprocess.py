@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 from safetensors.torch import load_file
-from test_train_lcm import base_argv, kit  # noqa: F401  (module fixture)
 
 DRIVER = textwrap.dedent(
     """
@@ -20,12 +19,12 @@ DRIVER = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from lcm_kit.training.lcm_distill import train_lcm_lora
+    from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     report_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     result = train_lcm_lora(argv)
     objective = result.objective
-    unet = objective.inference_unet()
+    unet = objective.inference_unet(result.model)
     # named as in the saved file (peft's ".default" adapter name dropped, "unet." prefix)
     lora = {"unet." + n.replace(".default.weight", ".weight"): p.detach()
             for n, p in unet.named_parameters() if "lora_" in n}
@@ -44,11 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_identically_and_only_rank0_writes(kit, tmp_path):  # noqa: F811
+def test_two_cpu_processes_train_identically_and_only_rank0_writes(tmp_path, train_argv):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     out = tmp_path / "out"
-    argv = base_argv(kit, out, steps=3)[:-1] + ["--validation_prompts", "a red square", "--validation_steps", "2",
+    argv = train_argv(out, steps=3)[:-1] + ["--validation_prompts", "a red square", "--validation_steps", "2",
                                                "--checkpointing_steps", "2", "--lora_rank", "4",
                                                "--learning_rate", "1e-3"]
     # --multi_gpu is accelerate's torchrun launcher; ACCELERATE_USE_CPU makes the ranks MULTI_CPU (gloo backend),

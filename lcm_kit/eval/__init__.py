@@ -1,9 +1,9 @@
-"""Quality harness for the digits domain: a shipped classifier, prompt accuracy and a classifier-feature
-Fréchet distance for any sampler (see :mod:`lcm_kit.eval.metrics`), and the ``lcm-kit eval`` command
-(:mod:`lcm_kit.eval.cli`)."""
+"""Quality harness for the digits domain: the shipped classifier (:mod:`.classifier`), prompt accuracy and a
+classifier-feature Fréchet distance for any sampler (:mod:`.metrics`), and the evaluation protocol at matched guidance
+with its sample grid (:mod:`.protocol`)."""
 
-from lcm_kit.eval.classifier import DigitClassifier
-from lcm_kit.eval.metrics import (
+from .classifier import DigitClassifier
+from .metrics import (
     SCHEDULERS,
     classifier_outputs,
     evaluate_images,

@@ -17,9 +17,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+from tqdm.auto import tqdm
 
-from lcm_kit import digits
-from lcm_kit.eval.classifier import DigitClassifier
+from .. import digits
+from ..schedulers.scheduling_lcm import ConsistencyScheduler
+from .classifier import DigitClassifier
 
 SCHEDULERS = ("dpmsolver", "ddim", "lcm", "consistency", "default")
 
@@ -143,8 +146,6 @@ def make_scheduler(name: str, config):
       "leading" spacing a 1-step DDIM runs at t = 1 and says nothing);
     - ``"lcm"``: diffusers' ``LCMScheduler``; ``"consistency"``: lcm-kit's ``ConsistencyScheduler``;
     - ``"default"``: the pipeline's own scheduler, unchanged (returns ``None``)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
-
     if name == "dpmsolver":
         return DPMSolverMultistepScheduler.from_config(config)
     if name == "ddim":
@@ -152,8 +153,6 @@ def make_scheduler(name: str, config):
     if name == "lcm":
         return LCMScheduler.from_config(config)
     if name == "consistency":
-        from lcm_kit.schedulers import ConsistencyScheduler
-
         return ConsistencyScheduler.from_config(config)
     if name == "default":
         return None
@@ -174,8 +173,6 @@ def generate_digits(
     """Images ``(N, 3, R, R)`` in [0, 1] and labels, ``num_per_digit`` per digit with the fixed prompt
     :func:`lcm_kit.digits.eval_prompt`. Image ``i`` (digit-major order) starts from the noise of
     ``torch.Generator("cpu").manual_seed(seed + i)``, so results do not depend on ``batch_size`` or device."""
-    from tqdm.auto import tqdm
-
     if num_per_digit < 1:
         raise ValueError(f"num_per_digit must be >= 1, got {num_per_digit!r}.")
     labels = [d for d in digits_to_generate for _ in range(num_per_digit)]

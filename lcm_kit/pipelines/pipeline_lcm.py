@@ -21,6 +21,7 @@ import torch
 from diffusers import LCMScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
+from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img import (
     LatentConsistencyModelImg2ImgPipeline,
 )
@@ -29,11 +30,10 @@ from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_t
     retrieve_timesteps,
 )
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 
-from lcm_kit.consistency import guidance_scale_embedding
-from lcm_kit.schedulers import ConsistencyScheduler
+from ..consistency import guidance_scale_embedding
+from ..schedulers.scheduling_lcm import ConsistencyScheduler
 
 logger = logging.get_logger(__name__)
 

@@ -1,15 +1,14 @@
-"""Training: the shared Accelerate loop, flags, data, Hub upload, and one module per objective.
+"""Training: the shared Accelerate loop, its flags, data, checkpoints, Hub upload, the objectives and the trainers.
 
-* :mod:`lcm_kit.training.loop`        ``run_training(args, accelerator, objective, dataloader)`` + checkpoints
-* :mod:`lcm_kit.training.args`        reusable argparse flag groups (diffusers' names)
-* :mod:`lcm_kit.training.lcm_distill` latent consistency distillation (LCM-LoRA and full LCM)
-* :mod:`lcm_kit.training.data`        datasets / webdataset shards / encoded caches
-* :mod:`lcm_kit.training.hub`         model card and upload
+* :mod:`.loop` / :mod:`.checkpoints`      ``run_training(args, accelerator, objective, dataloader)``, resume
+* :mod:`.args`                            reusable argparse flag groups (diffusers' names)
+* :mod:`.data`                            datasets / webdataset shards / encoded caches
+* :mod:`.losses`                          each objective a small callable (LCM distillation, CD / CT / iCT, EDM)
+* :mod:`.lcm_objective`, :mod:`.cm_objective`   the glue of each trainer (networks, loss, validation, outputs)
+* :mod:`.fused_lora`                      the fused LoRA forward of the distillation step
+* :mod:`.hub`                             model cards and upload
+* :mod:`.train_lcm_lora`, :mod:`.train_lcm`, :mod:`.train_consistency`   entry points
+  (``accelerate launch -m lcm_kit.training.train_lcm_lora ...``)
 
-Submodules are imported on use (``from lcm_kit.training.lcm_distill import train_lcm_lora``) so that importing
-this package stays cheap.
+Submodules are imported on use so that importing this package stays cheap.
 """
-
-from .loop import NonFiniteLossError, TrainingObjective, TrainingResult, create_accelerator, run_training
-
-__all__ = ["NonFiniteLossError", "TrainingObjective", "TrainingResult", "create_accelerator", "run_training"]

@@ -15,16 +15,21 @@ Groups:
 * :func:`add_lcm_args`         latent consistency distillation (solver, guidance range, loss, caches)
 * :func:`add_lora_args`        LCM-LoRA adapter shape and export
 * :func:`add_full_args`        fully distilled LCM (guidance embedding, EMA target)
+* :func:`add_consistency_args` consistency distillation / training (CD, CT, iCT) of a ``UNet2DModel``
 
-A new trainer (e.g. consistency training) builds its parser from the groups it honours plus its own group, and
-calls :func:`validate_training_args` (and :func:`validate_data_args` when it reads a dataset).
+A trainer builds its parser from the groups it honours (``build_*_parser``) and calls :func:`validate_training_args`
+(and :func:`validate_data_args` when it reads a dataset) and its own group's validation.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..consistency import SOLVERS
+from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, SOLVERS
+from ..lora.adapter import LCM_LORA_TARGET_MODULES
+from .losses.cm import CONSISTENCY_LOSS_TYPES
+from .losses.cm import MODES as CM_MODES
 
 LCM_LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -166,23 +171,12 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
                             "see benchmarks/RESULTS.md).")
 
 
-def _lcm_lora_target_modules() -> tuple[str, ...]:
-    try:
-        from ..lora import LCM_LORA_TARGET_MODULES
-    except ImportError:  # lcm_kit.lora not written yet: the standard LCM-LoRA targets (shared/DESIGN.md)
-        LCM_LORA_TARGET_MODULES = (
-            "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-            "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-        )
-    return tuple(LCM_LORA_TARGET_MODULES)
-
-
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA")
     group.add_argument("--lora_rank", type=_positive_int, default=64)
     group.add_argument("--lora_alpha", type=float, default=64.0)
     group.add_argument("--lora_dropout", type=float, default=0.0)
-    group.add_argument("--lora_target_modules", type=str, default=",".join(_lcm_lora_target_modules()),
+    group.add_argument("--lora_target_modules", type=str, default=",".join(LCM_LORA_TARGET_MODULES),
                        help="Comma-separated module names (peft suffix match).")
     group.add_argument("--export_kohya", action="store_true",
                        help="Also write pytorch_lora_weights_kohya.safetensors (lora_unet_* + .alpha, A1111/ComfyUI).")
@@ -193,6 +187,53 @@ def add_full_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--unet_time_cond_proj_dim", type=_positive_int, default=256,
                        help="Width of the guidance-scale embedding input of the student UNet.")
     group.add_argument("--ema_decay", type=float, default=0.95, help="EMA decay of the target network (saved at the end).")
+
+
+def add_consistency_args(parser) -> None:
+    """Flags of consistency distillation / training (the loop, data and hub groups come from ``args.py``)."""
+    group = parser.add_argument_group("consistency models")
+    group.add_argument("--mode", type=str, required=True, choices=CM_MODES,
+                       help="cd: distil a diffusion teacher's ODE; ct: consistency training; ict: improved CT.")
+    group.add_argument("--teacher", type=str, default=None,
+                       help="cd only: a diffusers folder with unet/ (UNet2DModel) and scheduler/ (DDPM-family: epsilon, "
+                            "v_prediction or sample; or EDM: EDMEulerScheduler / EDMDPMSolverMultistepScheduler).")
+    group.add_argument("--teacher_solver", type=str, default=None, choices=("euler", "heun"),
+                       help="cd only: the teacher's ODE step (default heun).")
+    group.add_argument("--loss_type", type=str, default=None, choices=CONSISTENCY_LOSS_TYPES,
+                       help="Default: l2 (cd, ct), pseudo_huber (ict). lpips needs the lpips package and its weights.")
+    group.add_argument("--huber_c", type=float, default=None, help="pseudo-Huber c (default 0.00054 * sqrt(d)).")
+    group.add_argument("--num_scales", type=int, default=None, help="cd only: N of the Karras grid (default 18).")
+    group.add_argument("--target_ema_decay", type=float, default=None, help="cd only: target EMA (default 0.95).")
+    group.add_argument("--s0", type=int, default=None, help="ct / ict: first N of the curriculum (2 / 10).")
+    group.add_argument("--s1", type=int, default=None, help="ct / ict: last N of the curriculum (150 / 1280).")
+    group.add_argument("--mu0", type=float, default=None, help="ct only: mu0 of the target EMA schedule (0.9).")
+    group.add_argument("--p_mean", type=float, default=-1.1, help="Lognormal index sampling mean (ict).")
+    group.add_argument("--p_std", type=float, default=2.0, help="Lognormal index sampling std (ict).")
+    group.add_argument("--sigma_min", type=float, default=SIGMA_MIN)
+    group.add_argument("--sigma_max", type=float, default=SIGMA_MAX)
+    group.add_argument("--sigma_data", type=float, default=SIGMA_DATA)
+    group.add_argument("--rho", type=float, default=RHO)
+    group.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="EMA of the online weights kept for sampling (saved as the model), separate from the target.")
+    group.add_argument("--pretrained_unet", type=str, default=None,
+                       help="Initialise from this UNet2DModel (folder with config.json, or a pipeline folder with unet/), "
+                            "e.g. the teacher's. Default: a new UNet2DModel from the flags below.")
+    group.add_argument("--block_out_channels", type=str, default=None,
+                       help="New UNet: comma-separated channels per level (default 64,128,128).")
+    group.add_argument("--layers_per_block", type=int, default=None, help="New UNet: resnets per level (default 2).")
+    group.add_argument("--dropout", type=float, default=None,
+                       help="New UNet: dropout (default 0; iCT used 0.3 on CIFAR-10).")
+    group.add_argument("--num_class_embeds", type=int, default=None,
+                       help="Class-conditional: number of classes. Labels come from --caption_column (an integer "
+                            "string, or one of --class_names).")
+    group.add_argument("--class_names", type=str, default=None,
+                       help="Comma-separated class names; caption i-th name -> label i.")
+    group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="Train in this AutoencoderKL's latent space (latents scaled by its scaling_factor).")
+    group.add_argument("--scheduler_num_train_timesteps", type=int, default=40,
+                       help="Grid of the saved CMStochasticIterativeScheduler (num_inference_steps index into it).")
+    group.add_argument("--validation_num_inference_steps", type=int, default=1)
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
 
 
 def build_lcm_lora_parser() -> argparse.ArgumentParser:
@@ -211,10 +252,17 @@ def build_lcm_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_consistency_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Consistency distillation (cd), consistency training (ct) and iCT.")
+    for add in (add_training_args, add_data_args, add_hub_args, add_consistency_args):
+        add(parser)
+    parser.set_defaults(learning_rate=1e-4, lr_warmup_steps=0, resolution=32)
+    return parser
+
+
 def validate_training_args(args: argparse.Namespace) -> None:
     """Checks of the generic loop's flags (raises ValueError naming the flag)."""
     if args.resume_from_checkpoint is not None and args.resume_from_checkpoint != "latest":
-        import os
 
         if not os.path.isdir(args.resume_from_checkpoint):
             raise ValueError(
@@ -249,3 +297,40 @@ def validate_lcm_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
     if args.resolution % 8 != 0:
         raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}.")
+
+
+def validate_consistency_args(args: argparse.Namespace) -> None:
+    if args.max_train_steps is None:
+        raise ValueError("--max_train_steps is required: the CT / iCT curricula are defined over the total step count.")
+    if args.mode == "cd" and args.teacher is None:
+        raise ValueError("--mode cd needs --teacher (a diffusers folder with unet/ and scheduler/).")
+    if args.mode != "cd":
+        for flag in ("teacher", "teacher_solver", "num_scales", "target_ema_decay"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} only applies to --mode cd, got --mode {args.mode}.")
+    if args.mode != "ct" and args.mu0 is not None:
+        raise ValueError(f"--mu0 only applies to --mode ct, got --mode {args.mode}.")
+    if args.mode == "cd" and (args.s0 is not None or args.s1 is not None):
+        raise ValueError("--s0 / --s1 only apply to --mode ct and ict.")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
+    if args.pretrained_unet is not None:
+        for flag in ("block_out_channels", "layers_per_block", "dropout"):
+            if getattr(args, flag) is not None:
+                raise ValueError(
+                    f"--{flag} shapes a new UNet; it cannot apply to --pretrained_unet {args.pretrained_unet!r}."
+                )
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}.")
+    if args.validation_num_inference_steps < 1:
+        raise ValueError(f"--validation_num_inference_steps must be >= 1, got {args.validation_num_inference_steps}.")
+    if not 0 < args.sigma_min < args.sigma_max:
+        raise ValueError(f"need 0 < --sigma_min < --sigma_max, got {args.sigma_min}, {args.sigma_max}.")
+    if args.class_names is not None and args.num_class_embeds is None:
+        raise ValueError("--class_names needs --num_class_embeds.")
+    if args.class_names is not None and len(args.class_names.split(",")) != args.num_class_embeds:
+        raise ValueError(f"--class_names has {len(args.class_names.split(','))} names but --num_class_embeds is "
+                         f"{args.num_class_embeds}.")
+    if args.num_class_embeds is None and args.validation_prompts:
+        raise ValueError("--validation_prompts are class labels of a class-conditional model (--num_class_embeds); "
+                         "an unconditional model takes none.")

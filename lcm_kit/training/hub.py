@@ -1,4 +1,4 @@
-"""Publishing trained LCM weights: model card, secret-free saved arguments, Hub upload.
+"""Publishing what a run trained: model cards (one renderer), secret-free saved arguments, the Hub upload.
 
     card = render_model_card("runwayml/stable-diffusion-v1-5", "me/lcm-lora-sd15", lora=True,
                              training_command=training_command(), license=license_from_model_folder_or_card(teacher),
@@ -23,16 +23,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, ModelCard, ModelCardData, try_to_load_from_cache
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "args_for_saving",
+    "hub_repo_id",
     "is_secret_name",
     "license_from_model_folder_or_card",
     "push_to_hub",
+    "push_training_outputs",
     "redact_command",
     "redact_text",
+    "render_card",
+    "render_consistency_model_card",
+    "render_lcm_model_card",
     "render_model_card",
     "training_command",
     "write_training_args",
@@ -148,7 +155,6 @@ def license_from_model_folder_or_card(path_or_id: str | os.PathLike | None) -> s
     """
     if path_or_id is None:
         return None
-    from huggingface_hub import ModelCard
 
     path = Path(path_or_id).expanduser()
     card_path: Path | None = None
@@ -158,7 +164,6 @@ def license_from_model_folder_or_card(path_or_id: str | os.PathLike | None) -> s
         card_path = path
     else:
         try:
-            from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(str(path_or_id), "README.md")
         except Exception:  # not a valid repo id: nothing cached to read
@@ -208,6 +213,17 @@ image.save("lcm.png")
 ```'''
 
 
+def render_card(title: str, sections: Sequence[str], card_data=None) -> str:
+    """The one renderer of every card and README lcm-kit writes: ``# title``, the sections separated by blank
+    lines, YAML front matter from ``card_data`` (a ``huggingface_hub.ModelCardData``) when given; token-shaped
+    strings are masked."""
+
+    body = "\n\n".join([f"# {title}", *sections]) + "\n"
+    if card_data is None:
+        return redact_text(body)
+    return redact_text(str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")))
+
+
 def render_model_card(
     base_model: str,
     hub_model_id: str,
@@ -227,7 +243,6 @@ def render_model_card(
     a path relative to the uploaded folder), ``metrics`` as a table and the training command with secrets
     redacted.
     """
-    from huggingface_hub import ModelCard, ModelCardData
 
     if not isinstance(base_model, str) or not base_model:
         raise ValueError(f"base_model must be a non-empty string, got {base_model!r}")
@@ -267,9 +282,7 @@ def render_model_card(
     sections.append("## Training\n\nTrained with:\n\n```bash\n" + redact_command(training_command) + "\n```")
     if license is None:
         sections.append("License: not known (the teacher's card did not state one); check the base model's terms.")
-    body = "\n\n".join(sections) + "\n"
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    return redact_text(str(card))
+    return render_card(sections[0].removeprefix("# "), sections[1:], data)
 
 
 def _format_metric(value: Any) -> str:
@@ -303,7 +316,6 @@ def push_to_hub(
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a non-empty string like 'owner/name', got {repo_id!r}")
     if client is None:
-        from huggingface_hub import HfApi
 
         client = HfApi(token=token)
     if model_card is not None:
@@ -319,3 +331,77 @@ def push_to_hub(
         repo_type="model",
     )
     return resolved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cards and upload of a training run (from its parsed flags)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hub_repo_id(args) -> str:
+    """``--hub_model_id``, or the output folder's name."""
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def _validation_image(args, result) -> str | None:
+    return os.path.relpath(result.validation_grids[-1], args.output_dir) if result.validation_grids else None
+
+
+def render_lcm_model_card(args, lora: bool, result, command: Sequence[str] | None = None) -> str:
+    """:func:`render_model_card` for an LCM-LoRA / full LCM run: base model, license, tags, command, 4-step
+    snippet, validation grid, final loss and steps."""
+    dataset = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else None
+    return render_model_card(
+        base_model=str(args.pretrained_teacher_model),
+        hub_model_id=hub_repo_id(args),
+        lora=lora,
+        training_command=training_command(command),
+        license=license_from_model_folder_or_card(args.pretrained_teacher_model),
+        validation_image=_validation_image(args, result),
+        metrics={"final loss": result.last_loss, "steps": result.global_step},
+        datasets=dataset,
+    )
+
+
+def render_consistency_model_card(args, result, command: Sequence[str] | None = None) -> str:
+    """A card for a consistency model (CD / CT / iCT) trained here: usage with the stock
+    ``ConsistencyModelPipeline``, the validation grid and the command."""
+
+    repo_id = hub_repo_id(args)
+    conditional = args.num_class_embeds is not None
+    data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                         tags=["consistency-models", "diffusers", "lcm-kit", f"consistency-{args.mode}"])
+    labels = "class_labels=[0, 1, 2, 3], " if conditional else ""
+    latent = ""
+    if args.pretrained_vae_model_name_or_path:
+        latent = ("\n# Latent-space model: lcm_kit's CMPipeline decodes with the VAE in vae/:\n"
+                  "# CMPipeline.from_pretrained(repo, vae=AutoencoderKL.from_pretrained(repo, subfolder='vae'))")
+    usage = f'''```python
+import torch
+from diffusers import ConsistencyModelPipeline
+
+pipe = ConsistencyModelPipeline.from_pretrained("{repo_id}")
+images = pipe({labels}batch_size=4, num_inference_steps=1).images          # one step
+images = pipe({labels}batch_size=4, timesteps=[22, 0]).images              # two steps{latent}
+```'''
+    mode_text = {"cd": f"consistency distillation of `{args.teacher}`", "ct": "consistency training (no teacher)",
+                 "ict": "improved consistency training (iCT, no teacher)"}[args.mode]
+    sections = [
+        f"Trained with lcm-kit by {mode_text}, {result.global_step} steps, in EDM sigma space "
+        f"([{args.sigma_min}, {args.sigma_max}], sigma_data {args.sigma_data}). The saved UNet is the sampling EMA "
+        f"(decay {args.ema_decay}); `unet_online/` holds the online weights.",
+        "## Usage\n\n" + usage,
+    ]
+    grid = _validation_image(args, result)
+    if grid:
+        sections.append(f"## Validation samples ({args.validation_num_inference_steps} step(s))\n\n![validation]({grid})")
+    sections.append("## Training\n\n```bash\n" + training_command(command) + "\n```")
+    return render_card(f"Consistency model: {repo_id}", sections, data)
+
+
+def push_training_outputs(args, model_card: str, client=None,
+                          commit_message: str = "Upload weights trained with lcm-kit") -> str:
+    """Upload ``--output_dir`` (checkpoints and caches excluded) with ``model_card`` as its README to
+    ``--hub_model_id`` through :func:`push_to_hub`; returns the repo id."""
+    return push_to_hub(args.output_dir, hub_repo_id(args), token=args.hub_token, client=client,
+                       model_card=model_card, commit_message=commit_message)

@@ -2,54 +2,44 @@
 
 The loop knows nothing about consistency models. It drives an *objective*: an object that owns the networks and
 computes a loss. Everything around the loss is here, once: optimiser and lr schedule, gradient accumulation and
-clipping, mixed precision, multi-process (only rank 0 writes), the tqdm bar, trackers, the validation grid,
-atomic checkpoints with a retention limit, bit-exact resume, and the non-finite-loss guard.
-
-How a new objective plugs in (see :class:`TrainingObjective` for the exact contract)::
+clipping, mixed precision, multi-process (only rank 0 writes), the EMA updates of averaged copies, the tqdm bar,
+trackers, the validation grid, checkpoints (:mod:`lcm_kit.training.checkpoints`), bit-exact resume and the
+non-finite-loss guard.
 
     accelerator = create_accelerator(args)                       # flags from args.add_training_args
     objective = MyObjective(args, accelerator)                   # builds/loads its networks on accelerator.device
-    dataloader = ...                                             # any DataLoader (map-style or iterable)
     result = run_training(args, accelerator, objective, dataloader)
-    # result.global_step, result.output_files; rank 0 has written objective.save_final(args.output_dir)
+    # result.global_step, result.output_files; rank 0 has written objective.save_final(model, args.output_dir)
 
-The objective implements:
-
-* ``trainable_modules()`` -> modules holding the trainable parameters (the loop passes them through
-  ``accelerator.prepare`` and hands the wrapped ones back via ``set_prepared_modules``);
-* ``trainable_parameters()`` -> the parameters the optimiser updates;
-* ``compute_loss(batch, step, generator)`` -> ``(loss, logs)``: draw *all* randomness from ``generator`` (seeded
-  per micro-step from ``--seed``, the step and the rank), which is what makes resume bit-exact;
-* ``after_optimizer_step(step)`` for EMA / target-network updates;
-* ``checkpoint_state()`` / ``load_checkpoint_state(state)``: the tensors a checkpoint must hold (trainable weights,
-  EMA targets), saved as safetensors; optimiser, lr scheduler and RNG states are the loop's business;
-* ``validate(step)`` -> PIL images or ``None`` (rank 0 only; must not consume the global RNG);
-* ``save_final(output_dir)`` -> list of written files (rank 0 only).
-
-Checkpoints are folders ``<output_dir>/checkpoint-<step>``: written to ``.checkpoint-<step>.tmp`` first, then
-renamed, so a run killed mid-save never leaves a half checkpoint that ``--resume_from_checkpoint latest`` would pick.
+See :class:`TrainingObjective` for what an objective implements.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from ..utils import ema_update_, unwrap_model
+from .checkpoints import (
+    list_checkpoints,
+    read_checkpoint_step,
+    register_checkpoint_hooks,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
+from .hub import args_for_saving, write_training_args
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-OBJECTIVE_STATE_FILE = "objective_state.safetensors"
-TRAINING_STATE_FILE = "training_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,34 +47,34 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingObjective:
-    """What :func:`run_training` trains. Subclass it (or duck-type it) and implement the methods below."""
+    """What :func:`run_training` trains. Subclass it (or duck-type it) and implement the methods below.
 
-    def trainable_modules(self) -> list[torch.nn.Module]:
+    ``model`` arguments are the network of :meth:`trainable_model`: as prepared by Accelerate (DDP-wrapped, with the
+    mixed-precision forward) in :meth:`compute_loss`, unwrapped in :meth:`validate` and :meth:`save_final`.
+    """
+
+    name = "lcm-kit"  # the tracker project unless --tracker_project_name is given
+
+    def trainable_model(self) -> torch.nn.Module:
+        """The network the optimiser updates (its ``requires_grad`` parameters; checkpoints hold exactly those)."""
         raise NotImplementedError
 
-    def set_prepared_modules(self, modules: list[torch.nn.Module]) -> None:
-        """Receive the ``accelerator.prepare``-wrapped modules (same order as :meth:`trainable_modules`)."""
+    def averaged_models(self) -> dict[str, tuple[torch.nn.Module, Callable[[int], float]]]:
+        """EMA copies of the trained network, ``{name: (module, decay(step))}``: after each optimiser step the
+        loop moves each toward the network by ``1 - decay(step)``, and checkpoints hold them."""
+        return {}
+
+    def compute_loss(self, model, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """``(scalar loss, logs)``. Draw *all* randomness from ``generator`` (seeded per micro-step from ``--seed``,
+        the step and the rank): that is what makes resume bit-exact."""
         raise NotImplementedError
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        raise NotImplementedError
-
-    def compute_loss(self, batch: Any, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
-
-    def after_optimizer_step(self, step: int) -> None:
-        """Called once per optimiser step (after gradients were applied); EMA / target updates go here."""
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def validate(self, step: int) -> list | None:
+    def validate(self, model, step: int) -> list | None:
+        """PIL images of the validation grid, or ``None`` (rank 0 only; must not consume the global RNG)."""
         return None
 
-    def save_final(self, output_dir: str) -> list[str]:
+    def save_final(self, model, output_dir: str) -> list[str]:
+        """Write the trained outputs (rank 0 only); returns the written paths."""
         raise NotImplementedError
 
 
@@ -94,7 +84,8 @@ class TrainingResult:
     output_files: list[str] = field(default_factory=list)
     last_loss: float | None = None
     validation_grids: list[str] = field(default_factory=list)
-    objective: Any = None  # the trained objective (e.g. ``result.objective.inference_unet()``)
+    objective: Any = None  # the trained objective
+    model: Any = None  # its trained network, unwrapped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,30 +141,6 @@ def step_generator(seed: int, step: int, micro_step: int, process_index: int, de
     return generator
 
 
-def list_checkpoints(output_dir: str) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (temporary folders of interrupted saves excluded)."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from_checkpoint)
-    if not (path / TRAINING_STATE_FILE).is_file():
-        raise ValueError(
-            f"--resume_from_checkpoint={resume_from_checkpoint!r} is not an lcm-kit checkpoint folder "
-            f"(no {TRAINING_STATE_FILE}); pass 'latest' or a checkpoint-<step> folder."
-        )
-    return path
-
-
 def _dataloader_length(dataloader) -> int | None:
     try:
         return len(dataloader)
@@ -194,13 +161,6 @@ def _tracker_config(config: dict) -> dict:
     return clean
 
 
-def saved_args(args) -> dict:
-    """The flags as saved in outputs and sent to trackers: secrets (``--hub_token``) are never included."""
-    from .hub import args_for_saving
-
-    return args_for_saving(args)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,12 +168,11 @@ def saved_args(args) -> dict:
 
 def run_training(args, accelerator, objective, train_dataloader) -> TrainingResult:
     """Train ``objective`` on ``train_dataloader`` according to the training flags (see the module docstring)."""
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
-    params = [p for p in objective.trainable_parameters() if p.requires_grad]
+    model = objective.trainable_model()
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("The objective has no trainable parameters (requires_grad=True).")
+        raise ValueError("The objective's trainable_model() has no trainable parameters (requires_grad=True).")
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -247,18 +206,15 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
         power=args.lr_power,
     )
 
-    modules = objective.trainable_modules()
-    prepared = accelerator.prepare(*modules, optimizer, train_dataloader, lr_scheduler)
-    prepared_modules, optimizer, train_dataloader, lr_scheduler = (
-        list(prepared[: len(modules)]),
-        *prepared[len(modules):],
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
     )
-    objective.set_prepared_modules(prepared_modules)
-    _register_checkpoint_hooks(accelerator, objective)
+    register_checkpoint_hooks(accelerator, objective, model)
+    averaged = objective.averaged_models()
 
     if accelerator.log_with:  # every rank calls it; Accelerate starts the trackers on rank 0 only
         project = args.tracker_project_name or getattr(objective, "name", "lcm-kit")
-        accelerator.init_trackers(project, config=_tracker_config(saved_args(args)))
+        accelerator.init_trackers(project, config=_tracker_config(args_for_saving(args)))
 
     # ---- resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -268,8 +224,7 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
-        global_step = int(state["global_step"])
+        global_step = read_checkpoint_step(checkpoint)
         if steps_per_epoch is not None:
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -296,9 +251,9 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in batches:
-            with accelerator.accumulate(*prepared_modules):
+            with accelerator.accumulate(model):
                 generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, device)
-                loss, logs = objective.compute_loss(batch, global_step, generator)
+                loss, logs = objective.compute_loss(model, batch, global_step, generator)
                 _check_finite(accelerator, loss, global_step, args.output_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -310,7 +265,8 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
             if not accelerator.sync_gradients:
                 continue
             micro_step = 0
-            objective.after_optimizer_step(global_step)
+            for module, decay in averaged.values():
+                ema_update_(module, unwrap_model(model), decay(global_step))
             global_step += 1
             loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             result.last_loss = loss_value
@@ -322,7 +278,7 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
             if global_step % args.validation_steps == 0:
-                grid = run_validation(accelerator, objective, args, global_step)
+                grid = run_validation(accelerator, objective, model, args, global_step)
                 if grid:
                     result.validation_grids.append(grid)
             if global_step >= max_train_steps:
@@ -334,14 +290,13 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
     result.global_step = global_step
     if accelerator.is_main_process:
         if not result.validation_grids or not result.validation_grids[-1].endswith(f"{global_step:06d}.png"):
-            grid = run_validation(accelerator, objective, args, global_step, sync=False)
+            grid = run_validation(accelerator, objective, model, args, global_step, sync=False)
             if grid:
                 result.validation_grids.append(grid)
-        result.output_files = list(objective.save_final(args.output_dir))
-        from .hub import write_training_args
-
+        result.output_files = list(objective.save_final(unwrap_model(model), args.output_dir))
         result.output_files.append(str(write_training_args(args, args.output_dir)))
     accelerator.wait_for_everyone()
+    result.model = unwrap_model(model)
     accelerator.end_training()
     return result
 
@@ -363,58 +318,13 @@ def _check_finite(accelerator, loss: torch.Tensor, step: int, output_dir: str) -
     )
 
 
-def _register_checkpoint_hooks(accelerator, objective) -> None:
-    """Checkpoints hold the objective's own tensors (e.g. only the LoRA weights, never the frozen base)."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        weights.clear()  # the objective decides what is saved
-        if accelerator.is_main_process:
-            state = {k: v.detach().contiguous().cpu() for k, v in objective.checkpoint_state().items()}
-            save_file(state, os.path.join(output_dir, OBJECTIVE_STATE_FILE))
-
-    def load_hook(models, input_dir):
-        models.clear()
-        objective.load_checkpoint_state(load_file(os.path.join(input_dir, OBJECTIVE_STATE_FILE)))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, args, global_step: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically and enforce ``--checkpoints_total_limit``."""
-    output_dir = Path(args.output_dir)
-    final = output_dir / f"checkpoint-{global_step}"
-    temp = output_dir / f".checkpoint-{global_step}.tmp"
-    if accelerator.is_main_process:
-        if temp.exists():
-            shutil.rmtree(temp)
-        limit = args.checkpoints_total_limit
-        if limit is not None:
-            existing = [p for p in list_checkpoints(args.output_dir) if p != final]
-            for old in existing[: max(0, len(existing) - limit + 1)]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temp / TRAINING_STATE_FILE).write_text(json.dumps({"global_step": global_step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        logger.info("Saved %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def run_validation(accelerator, objective, args, global_step: int, sync: bool = True) -> str | None:
+def run_validation(accelerator, objective, model, args, global_step: int, sync: bool = True) -> str | None:
     """Rank 0 renders the objective's validation images into ``<output_dir>/validation/step-<step>.png`` and
     sends them to the trackers; the other ranks wait."""
     path = None
     if accelerator.is_main_process:
-        images = objective.validate(global_step)
+        images = objective.validate(unwrap_model(model), global_step)
         if images:
-            from diffusers.utils import make_image_grid
 
             grid = make_image_grid(list(images), rows=1, cols=len(images))
             folder = Path(args.output_dir) / "validation"

@@ -1,4 +1,4 @@
-"""Train the small digits teacher: a genuine Stable-Diffusion-shaped latent diffusion model, from scratch.
+"""Build the shipped digits teacher: a genuine Stable-Diffusion-shaped latent diffusion model, trained from scratch.
 
 Three stages, all on the train split of :mod:`lcm_kit.digits` (nothing downloaded):
 
@@ -9,33 +9,41 @@ Three stages, all on the train split of :mod:`lcm_kit.digits` (nothing downloade
    standard deviation of the training latents (the SD convention: scaled latents have unit variance);
 3. a ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly on the latents with the epsilon
    objective over SD's scaled-linear schedule, with caption dropout so classifier-free guidance works, an EMA
-   of both and min-SNR loss weighting (faster convergence on a small budget).
+   of both (diffusers' ``EMAModel``) and min-SNR loss weighting (diffusers' ``compute_snr``; faster convergence
+   on a small budget).
 
 The result is saved as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads it).
-UNet and VAE weights are stored in float16 to keep the shipped folder small; they load as float32.
+UNet and VAE weights are stored in float16 to keep the shipped folder small; they load as float32. Then its quality
+is measured into its README (:mod:`.teacher_report`)::
+
+    python -m lcm_kit.digits.teacher --output_dir lcm_kit/assets/digits_teacher --seed 0
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
-import re
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.nn.functional as F
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from lcm_kit import digits
-
-CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-# CLIP's pre-tokenizer keeps runs of letters together and splits every digit on its own.
-_CLIP_WORD_PATTERN = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
+from ..utils import sample_latents
+from . import data as digits
+from .teacher_report import evaluate_and_write_readme
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, build_caption_tokenizer
 
 
 @dataclass
@@ -84,80 +92,10 @@ class TeacherConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _bpe_merges_used(word: str, ranks: dict) -> list[tuple[str, str]]:
-    """Run CLIP's BPE on one pre-tokenized word and return the merges it applies, in order."""
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    applied = []
-    while len(symbols) > 1:
-        pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
-        best = min(pairs, key=lambda pair: ranks.get(pair, math.inf))
-        if best not in ranks:
-            break
-        applied.append(best)
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return applied
-
-
-def build_caption_tokenizer(words, save_dir, model_max_length: int = 77):
-    """A real CLIP byte-level BPE tokenizer whose vocabulary covers ``words`` with CLIP's own merges.
-
-    The vocabulary is CLIP's 256 byte symbols, the same 256 with the ``</w>`` end-of-word marker, one token
-    per CLIP merge needed by ``words`` (kept in CLIP's rank order) and the two special tokens. Because BPE
-    with a subset of merges that contains every merge a word uses reproduces that word's segmentation, the
-    caption words tokenize into exactly the pieces full CLIP gives them. The files are written to
-    ``save_dir`` and the loaded ``CLIPTokenizer`` is returned.
-    """
-    from transformers import CLIPTokenizer
-
-    full_vocab = json.loads((CLIP_TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
-    merge_lines = (CLIP_TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
-    ranks = {tuple(line.split()): rank for rank, line in enumerate(merge_lines) if line.strip()}
-
-    used: set[tuple[str, str]] = set()
-    for text in words:
-        for piece in _CLIP_WORD_PATTERN.findall(str(text).lower()):
-            used.update(_bpe_merges_used(piece, ranks))
-    kept = sorted(used, key=ranks.__getitem__)
-
-    by_id = sorted(full_vocab.items(), key=lambda item: item[1])
-    vocab = {token: index for index, (token, _) in enumerate(by_id[:512])}  # bytes, then bytes + </w>
-    for a, b in kept:
-        vocab.setdefault(a + b, len(vocab))
-    vocab[BOS_TOKEN] = len(vocab)
-    vocab[EOS_TOKEN] = len(vocab)
-
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (save_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept), encoding="utf-8"
-    )
-    return CLIPTokenizer(
-        str(save_dir / "vocab.json"),
-        str(save_dir / "merges.txt"),
-        model_max_length=model_max_length,
-        pad_token=EOS_TOKEN,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Models
 
 
 def build_text_encoder(tokenizer, config: TeacherConfig):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     vocab = tokenizer.get_vocab()
     text_config = CLIPTextConfig(
         vocab_size=len(vocab),
@@ -176,8 +114,6 @@ def build_text_encoder(tokenizer, config: TeacherConfig):
 
 
 def build_vae(config: TeacherConfig):
-    from diffusers import AutoencoderKL
-
     n = len(config.vae_block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -195,7 +131,6 @@ def build_vae(config: TeacherConfig):
 def build_unet(config: TeacherConfig, vae_scale_factor: int):
     """SD-1.x-shaped UNet: cross-attention where the latent is coarse (self-attention over 64 tokens at full
     latent resolution costs a lot on CPU and adds little for 8x8 latents)."""
-    from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=config.resolution // vae_scale_factor,
@@ -213,7 +148,6 @@ def build_unet(config: TeacherConfig, vae_scale_factor: int):
 
 def build_scheduler():
     """SD 1.x's scheduler configuration: epsilon prediction over scaled-linear betas, 1,000 steps."""
-    from diffusers import DDIMScheduler
 
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -239,27 +173,6 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class EMA:
-    """Exponential moving average of a module's parameters (warm-started decay, as diffusers' EMAModel)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in module.parameters()]
-        self.num_updates = 0
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        params = [p.detach() for p in module.parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, module: torch.nn.Module) -> None:
-        for shadow, p in zip(self.shadow, module.parameters()):
-            p.copy_(shadow)
-
-
 def train_vae(vae, images: torch.Tensor, config: TeacherConfig, generator: torch.Generator) -> dict:
     """Reconstruction (MSE) + ``kl_weight`` x KL (per latent element) on ``images`` in [-1, 1]."""
     device = torch.device(config.device)
@@ -273,9 +186,7 @@ def train_vae(vae, images: torch.Tensor, config: TeacherConfig, generator: torch
         idx = torch.randint(0, len(images), (config.vae_batch_size,), generator=generator)
         x = images[idx].to(device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator
-        ).to(device)
+        z = sample_latents(posterior.mean, posterior.std, generator, scaling_factor=1.0)
         reconstruction = vae.decode(z).sample
         mse = F.mse_loss(reconstruction, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -339,8 +250,9 @@ def train_unet_and_text_encoder(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _cosine_lr(s, config.unet_steps, config.lr_warmup_steps)
     )
-    ema_unet, ema_text = EMA(unet, config.ema_decay), EMA(text_encoder, config.ema_decay)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    # update_after_step=-1: the warm-started decay min(decay, (1 + k) / (10 + k)) from the first update k = 1.
+    ema_unet = EMAModel(unet.parameters(), decay=config.ema_decay, update_after_step=-1)
+    ema_text = EMAModel(text_encoder.parameters(), decay=config.ema_decay, update_after_step=-1)
     caption_rng = random.Random(config.seed)
     token_cache: dict[str, torch.Tensor] = {}
 
@@ -358,8 +270,7 @@ def train_unet_and_text_encoder(
     running = None
     for step in progress:
         idx = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
-        eps_latent = torch.randn(latent_mean[idx].shape, generator=generator)
-        latents = ((latent_mean[idx] + latent_std[idx] * eps_latent) * scaling_factor).to(device)
+        latents = sample_latents(latent_mean[idx], latent_std[idx], generator, scaling_factor).to(device)
         captions = [digits.caption_for(int(label), caption_rng, config.caption_dropout) for label in labels[idx]]
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
@@ -370,8 +281,7 @@ def train_unet_and_text_encoder(
         prediction = unet(noisy, timesteps, encoder_hidden_states).sample
         per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.snr_gamma is not None:
-            alpha = alphas_cumprod[timesteps]
-            snr = alpha / (1.0 - alpha)
+            snr = compute_snr(noise_scheduler, timesteps)
             per_sample = per_sample * torch.clamp(snr, max=config.snr_gamma) / snr
         loss = per_sample.mean()
 
@@ -380,13 +290,13 @@ def train_unet_and_text_encoder(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
+        ema_unet.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 10 == 0:
             progress.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    ema_unet.copy_to(unet)
-    ema_text.copy_to(text_encoder)
+    ema_unet.copy_to(unet.parameters())
+    ema_text.copy_to(text_encoder.parameters())
     unet.eval()
     text_encoder.eval()
     return {"unet_final_loss_ema": float(running)}
@@ -397,9 +307,6 @@ def train_teacher(config: TeacherConfig, output_dir, command: str | None = None)
 
     Returns ``(pipeline, stats)``; ``stats`` (timings, losses, VAE held-out reconstruction error, latent
     std, sizes) is also written to ``output_dir/training_config.json``."""
-    import diffusers
-    import transformers
-    from diffusers import StableDiffusionPipeline
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +331,7 @@ def train_teacher(config: TeacherConfig, output_dir, command: str | None = None)
     stats.update(train_vae(vae, images, config, generator))
     stats["vae_seconds"] = time.time() - t0
     latent_mean, latent_std = encode_latent_distribution(vae, images, device=device)
-    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator)
+    sampled = sample_latents(latent_mean, latent_std, generator, scaling_factor=1.0)
     scaling_factor = float(1.0 / sampled.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     stats["vae_scaling_factor"] = scaling_factor
@@ -484,126 +391,59 @@ def safetensors_megabytes(folder) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Measured quality + README
+# Command line: python -m lcm_kit.digits.teacher --output_dir lcm_kit/assets/digits_teacher --seed 0
 
 
-def evaluate_and_write_readme(
-    output_dir,
-    num_per_digit: int = 20,
-    guidance_scales=(1.0, 2.0, 3.0, 5.0, 7.5),
-    protocol_guidance: float | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    command: str | None = None,
-) -> list[dict]:
-    """Measure the saved teacher (DPM-Solver 25 steps at each of ``guidance_scales``; DDIM with trailing
-    spacing and the undistilled teacher under lcm-kit's ``ConsistencyScheduler`` (real CFG) at 1/2/4 steps at
-    ``protocol_guidance``, by default the 25-step guidance with the lowest
-    Fréchet distance among those with >= 90% prompt accuracy) and (re)write ``output_dir/README.md``."""
-    from diffusers import StableDiffusionPipeline
+def parse_args(argv=None):
+    defaults = TeacherConfig()
+    parser = argparse.ArgumentParser(description="Train the shipped digits teacher and measure it.",
+                                     allow_abbrev=False)
+    parser.add_argument("--output_dir", required=True, help="where the diffusers folder is written")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--resolution", type=int, default=defaults.resolution)
+    parser.add_argument("--vae_steps", type=int, default=defaults.vae_steps)
+    parser.add_argument("--unet_steps", type=int, default=defaults.unet_steps)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--caption_dropout", type=float, default=defaults.caption_dropout)
+    parser.add_argument("--kl_weight", type=float, default=defaults.kl_weight)
+    parser.add_argument("--ema_decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--snr_gamma", type=float, default=defaults.snr_gamma,
+                        help="min-SNR loss weighting gamma; <= 0 disables it")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch intra-op threads (1 is fastest when the CPU is shared)")
+    parser.add_argument("--num_per_digit", type=int, default=20,
+                        help="samples per digit for the quality rows written to the README")
+    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5],
+                        help="guidances of the 25-step DPM-Solver rows in the README")
+    parser.add_argument("--protocol_guidance", type=float, default=None,
+                        help="guidance of the DDIM (trailing) 1/2/4-step rows (default: the best 25-step one)")
+    parser.add_argument("--skip_eval", action="store_true", help="train and save only")
+    parser.add_argument("--evaluate_only", action="store_true",
+                        help="measure an already trained folder and rewrite its README")
+    return parser.parse_args(argv)
 
-    from lcm_kit.eval import evaluate_pipeline, real_floor
 
-    output_dir = Path(output_dir)
-    record = json.loads((output_dir / "training_config.json").read_text())
-    pipe = StableDiffusionPipeline.from_pretrained(output_dir).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    rows = []
-    for guidance in tqdm(list(guidance_scales), desc="teacher DPM-Solver 25 steps", dynamic_ncols=True):
-        rows.append(
-            evaluate_pipeline(pipe, "dpmsolver", 25, guidance, num_per_digit=num_per_digit, seed=seed,
-                              name="teacher DPM-Solver")
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    command = "python -m lcm_kit.digits.teacher " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if not args.evaluate_only:
+        config = TeacherConfig(
+            seed=args.seed, resolution=args.resolution, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+            batch_size=args.batch_size, lr=args.lr, caption_dropout=args.caption_dropout,
+            kl_weight=args.kl_weight, ema_decay=args.ema_decay,
+            snr_gamma=args.snr_gamma if args.snr_gamma > 0 else None, device=args.device, num_threads=args.num_threads,
         )
-    if protocol_guidance is None:
-        good = [r for r in rows if r["accuracy"] >= 0.9] or rows
-        protocol_guidance = min(good, key=lambda r: r["fd"])["guidance_scale"]
-    few_step = [(s, n) for s in ("ddim", "consistency") for n in (1, 2, 4)]
-    for scheduler, steps in tqdm(few_step, desc="teacher few-step rows", dynamic_ncols=True):
-        name = {"ddim": "teacher DDIM (trailing)", "consistency": "teacher + ConsistencyScheduler, no LoRA"}
-        rows.append(
-            evaluate_pipeline(pipe, scheduler, steps, protocol_guidance, num_per_digit=num_per_digit, seed=seed,
-                              name=name[scheduler])
+        train_teacher(config, args.output_dir, command=command)
+    if not args.skip_eval:
+        evaluate_and_write_readme(
+            args.output_dir, num_per_digit=args.num_per_digit, guidance_scales=args.guidance_scales,
+            protocol_guidance=args.protocol_guidance, device=args.device, seed=args.seed, command=command,
         )
-    floor = real_floor(num_per_digit=num_per_digit)
-    record["quality"] = {
-        "rows": rows,
-        "protocol_guidance": protocol_guidance,
-        "num_per_digit": num_per_digit,
-        "real_floor": {"accuracy": floor["accuracy"], "fd": floor["fd"]},
-        "command": command,
-    }
-    (output_dir / "training_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    write_teacher_readme(output_dir, record)
-    return rows
 
 
-def write_teacher_readme(output_dir, record: dict) -> Path:
-    """Write ``README.md``: what the model is, the exact command, seed, versions, wall time, quality."""
-    from lcm_kit.eval.metrics import format_table
-
-    output_dir = Path(output_dir)
-    config, stats, versions = record["config"], record["stats"], record["versions"]
-    params = stats["parameters"]
-    lines = [
-        "# digits teacher (lcm-kit)",
-        "",
-        "A small but genuine Stable-Diffusion-style text-to-image latent diffusion model trained from scratch on",
-        "the train split (80%, seeded) of scikit-learn's handwritten digits, upscaled (bicubic) to "
-        f"{config['resolution']}x{config['resolution']}.",
-        "Standard diffusers folder: `AutoencoderKL` + `UNet2DConditionModel` + `CLIPTextModel` + `CLIPTokenizer`",
-        "(a real CLIP byte-level BPE with a small vocabulary: CLIP's 512 byte symbols, the CLIP merges the caption",
-        f"words use, the two special tokens; {stats['vocab_size']} tokens) + `DDIMScheduler` (SD 1.x config: epsilon",
-        "prediction, scaled-linear betas 0.00085-0.012, 1,000 steps). UNet and VAE weights are stored in float16",
-        "and load as float32 by default.",
-        "",
-        "```python",
-        "from diffusers import StableDiffusionPipeline, DPMSolverMultistepScheduler",
-        "from lcm_kit.digits import teacher_path",
-        "pipe = StableDiffusionPipeline.from_pretrained(teacher_path())",
-        "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)",
-        'image = pipe("a handwritten 7", num_inference_steps=25, guidance_scale=3.0).images[0]',
-        "```",
-        "",
-        "## How it was made",
-        "",
-        "```bash",
-        f"HF_HUB_OFFLINE=1 {record.get('command') or 'python train_scripts/train_teacher.py'}",
-        "```",
-        "",
-        f"- seed: {config['seed']} (data split seed {digits.DEFAULT_SPLIT_SEED}); device: {config['device']}",
-        f"- versions: torch {versions['torch']}, diffusers {versions['diffusers']}, "
-        f"transformers {versions['transformers']}",
-        f"- wall time: {stats['total_seconds'] / 60:.1f} min in total (VAE {stats['vae_seconds'] / 60:.1f} min, "
-        f"UNet + text encoder {stats['unet_seconds'] / 60:.1f} min) on 2 shared CPU cores",
-        f"- parameters: UNet {params['unet']:,}, VAE {params['vae']:,}, text encoder {params['text_encoder']:,}",
-        f"- VAE: {config['vae_steps']} steps, latents 4x{config['resolution'] // 4}x{config['resolution'] // 4}, "
-        f"held-out reconstruction MSE {stats['vae_heldout_mse']:.4f} (images in [-1, 1]), "
-        f"scaling_factor {stats['vae_scaling_factor']:.4f}",
-        f"- UNet + text encoder: {config['unet_steps']} steps x batch {config['batch_size']}, lr {config['lr']}, "
-        f"caption dropout {config['caption_dropout']}, min-SNR gamma {config['snr_gamma']}, "
-        f"EMA {config['ema_decay']}",
-        "- every hyperparameter: `training_config.json`",
-    ]
-    quality = record.get("quality")
-    if quality:
-        lines += [
-            "",
-            "## Measured quality",
-            "",
-            f"`lcm_kit.eval.evaluate_pipeline`, {quality['num_per_digit']} samples per digit (prompt "
-            f"`{digits.eval_prompt(7).replace('7', '<d>')}`), fixed seeds. Accuracy: the shipped classifier's",
-            "agreement with the prompted digit. FD: Fréchet distance between the classifier's penultimate",
-            "features of the samples and of the held-out real digits (lower is better; real-vs-real floor in",
-            "`lcm_kit/assets/digits_classifier/README.md`). Few-step rows (DDIM with `timestep_spacing=\"trailing\"`, "
-            "and the un-distilled teacher under lcm-kit's `ConsistencyScheduler` with real CFG: what distillation "
-            f"must improve on) use guidance {quality['protocol_guidance']}. Real train digits at the same count "
-            f"score {100 * quality['real_floor']['accuracy']:.1f}% / FD {quality['real_floor']['fd']:.3f} "
-            "(the floor).",
-            "",
-            format_table(quality["rows"]),
-            "",
-            f"Measured with `HF_HUB_OFFLINE=1 {quality.get('command') or 'python train_scripts/train_teacher.py --evaluate_only'}`.",
-        ]
-    path = output_dir / "README.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,6 @@
     lcm-kit eval --lora out/lcm-lora --scheduler lcm --steps 1 2 4 --guidance_scale 1 --json metrics.json
 
 Every combination of ``--scheduler`` x ``--steps`` x ``--guidance_scale`` is one row of the printed table.
-Register it in ``lcm_kit.cli`` with ``add_eval_parser`` (sets ``func``), or call :func:`eval_main` directly.
 """
 
 from __future__ import annotations
@@ -17,7 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-from lcm_kit.eval.metrics import SCHEDULERS
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from .. import digits
+from ..eval.metrics import SCHEDULERS, evaluate_pipeline, format_table, load_classifier
+from ..utils import DTYPES, dtype_kwarg, resolve_device, resolve_dtype
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,7 +50,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--classifier", default=None, help="classifier folder (default: the shipped one)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, float32 otherwise")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--standard_metrics", action="store_true",
                    help="also FID / CLIP score via torchmetrics when installed and its weights are local "
@@ -64,13 +68,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from tqdm.auto import tqdm
-
-    from lcm_kit import digits
-    from lcm_kit.eval.metrics import evaluate_pipeline, format_table, load_classifier
-
     for name in ("steps", "guidance_scale"):
         values = getattr(args, name)
         if any(v <= 0 for v in values):
@@ -81,16 +78,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"--model {str(model)!r}: not a diffusers folder (no model_index.json).")
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
-    dtype = (torch.float16 if device.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     # The stock pipeline runs every sampler: real CFG for teacher rows, LCMScheduler/ConsistencyScheduler steps
     # for consistency rows, and the w-embedding of a fully distilled UNet (time_cond_proj_dim) when present.
-    from lcm_kit.cli import _dtype_kwarg  # `dtype` on new diffusers, `torch_dtype` on old ones
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, **{_dtype_kwarg(): dtype})
+    pipe = StableDiffusionPipeline.from_pretrained(model, **{dtype_kwarg(): dtype})
     if args.lora:
         pipe.load_lora_weights(args.lora)
     pipe.to(device)

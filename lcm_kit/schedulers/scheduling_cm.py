@@ -23,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..consistency import consistency_scalings, sigma_to_timestep
+from ..utils import check_exactly_one
 
 
 @dataclass
@@ -74,10 +75,7 @@ class CMMultistepScheduler(CMStochasticIterativeScheduler):
         Set the sampling noise levels: exactly one of `num_inference_steps`, `timesteps` (descending indices into
         the `num_train_timesteps` Karras grid, as in diffusers) or `sigmas` (descending noise levels).
         """
-        given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                                      ("sigmas", sigmas)) if v is not None]
-        if len(given) != 1:
-            raise ValueError(f"Give exactly one of num_inference_steps, timesteps and sigmas; got {given or 'none'}.")
+        check_exactly_one(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas)
         if sigmas is None:
             super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
             return

@@ -4,7 +4,7 @@ The stock pipeline samples a consistency ``UNet2DModel`` folder; this subclass l
 lcm-kit's consistency models need:
 
 * ``sigmas=[80.0, 0.821]``: any descending noise-level list (through
-  :class:`~lcm_kit.schedulers.scheduling_cm_multistep.CMMultistepScheduler`, built from the folder's scheduler
+  :class:`~lcm_kit.schedulers.scheduling_cm.CMMultistepScheduler`, built from the folder's scheduler
   config; the stored scheduler is not changed, so the folder stays loadable by the stock pipeline);
 * class-conditional models: labels given as an int, a list or a tensor (checked against ``num_class_embeds``), or
   drawn from ``generator`` when omitted (the stock pipeline draws them from the global RNG);
@@ -21,8 +21,8 @@ from diffusers import AutoencoderKL, ConsistencyModelPipeline, UNet2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..schedulers.scheduling_cm_multistep import CMMultistepScheduler
-from ..training.consistency_models import consistency_sample
+from ..sampling import consistency_sample
+from ..schedulers.scheduling_cm import CMMultistepScheduler
 
 
 class CMPipeline(ConsistencyModelPipeline):
@@ -91,8 +91,6 @@ class CMPipeline(ConsistencyModelPipeline):
             output_type (`str`): `"pil"`, `"np"`, `"pt"`, or `"latent"` (the raw samples, before the VAE).
             return_dict (`bool`): return an `ImagePipelineOutput` (default) or a tuple.
         """
-        if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) > 1:
-            raise ValueError("Give only one of num_inference_steps, timesteps and sigmas.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         device = self._execution_device
@@ -107,8 +105,6 @@ class CMPipeline(ConsistencyModelPipeline):
         scheduler = self.scheduler
         if not isinstance(scheduler, CMMultistepScheduler):
             scheduler = CMMultistepScheduler.from_config(scheduler.config)
-        if num_inference_steps is None and timesteps is None and sigmas is None:
-            num_inference_steps = 1
         sample = consistency_sample(self.unet, scheduler, latents.to(device, self.unet.dtype),
                                     num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                                     class_labels=labels, generator=generator)

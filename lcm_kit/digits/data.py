@@ -1,4 +1,4 @@
-"""Real handwritten digits for the shipped teacher, its classifier and every offline demo.
+"""The shipped digits data: real handwritten digits for the teacher, its classifier and every offline demo.
 
 The data is scikit-learn's ``load_digits`` (1,797 real 8x8 scans, shipped with scikit-learn: no download).
 A fixed, seeded 80/20 split gives a train set (teacher, VAE, classifier, distillation) and a held-out set
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPLITS = ("train", "heldout")
 DEFAULT_RESOLUTION = 32
 DEFAULT_SPLIT_SEED = 0

@@ -36,6 +36,7 @@ from ..consistency import (
     vp_noise,
     vp_velocity,
 )
+from ..utils import check_exactly_one
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -329,13 +330,7 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
             `ValueError`: for a missing or doubled schedule argument, or any value outside the ranges above.
         """
         # 0. Check inputs.
-        if num_inference_steps is None and timesteps is None:
-            raise ValueError("Pass exactly one of `num_inference_steps` or `timesteps`; got neither.")
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError(
-                f"Pass exactly one of `num_inference_steps` or `timesteps`; got both "
-                f"(num_inference_steps={num_inference_steps}, timesteps={list(timesteps)})."
-            )
+        check_exactly_one(num_inference_steps=num_inference_steps, timesteps=timesteps)
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}.")
         num_train_timesteps = self.config.num_train_timesteps

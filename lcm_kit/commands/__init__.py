@@ -1,0 +1,1 @@
+"""The subcommands of ``lcm-kit`` (one module each): ``generate``, ``eval``, ``quickstart``."""

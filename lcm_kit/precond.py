@@ -1,0 +1,155 @@
+"""Preconditioning wrappers: a backbone ``F(x, t, ...)`` seen as ``(x, sigma) -> x0`` in EDM sigma space.
+
+* :class:`ConsistencyModel`: the consistency function ``f(x, sigma) = c_skip x + c_out F(c_in x, 250 log sigma)``
+  with the sigma_min offset, so ``f(x, sigma_min) = x`` exactly (the input diffusers'
+  ``CMStochasticIterativeScheduler`` gives a ``UNet2DModel``: the backbone alone is the deployable model);
+* :class:`EDMDenoiser`: a diffusion model's denoiser ``D(x, sigma)`` with EDM's scalings (no offset);
+* :class:`VPDenoiser`: a DDPM-family diffusers UNet queried as an EDM denoiser at any sigma.
+
+The scalings come from :mod:`lcm_kit.consistency`; the backbone is a diffusers ``UNet2DModel`` or any module with
+the signature ``F(sample, timestep, **conditioning)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .consistency import (
+    SIGMA_DATA,
+    SIGMA_MIN,
+    append_dims,
+    consistency_scalings,
+    edm_scalings,
+    predicted_original_sample,
+    sigma_to_timestep,
+    vp_timestep_from_sigma,
+)
+
+
+def class_label_kwargs(class_labels) -> dict:
+    """The backbone keyword arguments of a class-conditional call (none for ``class_labels=None``)."""
+    return {} if class_labels is None else {"class_labels": class_labels}
+
+
+def backbone_output(backbone: Callable, sample, timestep, conditioning: dict) -> torch.Tensor:
+    """Call ``backbone(sample, timestep, **conditioning)`` and return its tensor (diffusers outputs unwrapped)."""
+    out = backbone(sample, timestep, **conditioning)
+    if isinstance(out, tuple):
+        out = out[0]
+    return getattr(out, "sample", out)
+
+
+def batch_sigma(sigma, sample: torch.Tensor) -> torch.Tensor:
+    """``sigma`` (number, scalar, per-sample or broadcast-shaped tensor) as a 1-D tensor of one sigma per sample,
+    on the sample's device."""
+    batch = sample.shape[0]
+    if not torch.is_tensor(sigma):
+        sigma = torch.tensor(float(sigma), device=sample.device)
+    sigma = sigma.to(device=sample.device, dtype=sample.dtype if sample.is_floating_point() else torch.float32)
+    sigma = sigma.reshape(-1)
+    if sigma.numel() == 1:
+        return sigma.expand(batch)
+    if sigma.numel() != batch:
+        raise ValueError(f"sigma must hold 1 or batch_size={batch} values, got {sigma.numel()}.")
+    return sigma
+
+
+class _Preconditioned(nn.Module):
+    """``c_skip x + c_out F(c_in x, c_noise(sigma))`` around a backbone; subclasses choose the scalings."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sigma_data: float = SIGMA_DATA,
+        noise_conditioning: Callable = sigma_to_timestep,
+        conditioning: Callable = class_label_kwargs,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = sigma_data
+        self.noise_conditioning = noise_conditioning
+        self.conditioning = conditioning
+
+    def scalings(self, sigma):
+        raise NotImplementedError
+
+    def forward(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        sigma = batch_sigma(sigma, sample)
+        c_skip, c_out, c_in = (append_dims(c, sample.ndim) for c in self.scalings(sigma))
+        model_output = backbone_output(
+            self.backbone, c_in * sample, self.noise_conditioning(sigma), self.conditioning(class_labels)
+        )
+        return c_skip * sample + c_out * model_output.to(sample.dtype)
+
+
+class ConsistencyModel(_Preconditioned):
+    """The consistency function f(x, sigma) with the sigma_min offset: ``f(x, sigma_min) = x`` exactly.
+
+    ``backbone(sample, timestep, class_labels=None)`` is a diffusers ``UNet2DModel`` (optionally class-conditional
+    through ``num_class_embeds``) or any module with that signature; it receives ``c_in x`` and ``250 log sigma``,
+    the inputs the stock ``ConsistencyModelPipeline`` gives it, so the backbone alone is the deployable model.
+    """
+
+    def __init__(self, backbone, sigma_min: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA, **kwargs):
+        super().__init__(backbone, sigma_data=sigma_data, **kwargs)
+        self.sigma_min = sigma_min
+
+    def scalings(self, sigma):
+        return consistency_scalings(sigma, self.sigma_data, self.sigma_min)
+
+
+class EDMDenoiser(_Preconditioned):
+    """A diffusion model's denoiser D(x, sigma) with EDM preconditioning (no offset) and the same time input.
+
+    ``noise_conditioning`` maps sigma to the backbone's time input: 250 log sigma (consistency-model convention,
+    default) or e.g. ``lambda s: 0.25 * torch.log(s)`` for diffusers' EDM schedulers.
+    """
+
+    def scalings(self, sigma):
+        return edm_scalings(sigma, self.sigma_data)
+
+
+class VPDenoiser(nn.Module):
+    """A DDPM-family diffusers UNet (epsilon / v_prediction / sample) queried as an EDM denoiser D(x, sigma).
+
+    ``x_sigma = x0 + sigma z`` is the VP sample ``x_t = sqrt(a) x_sigma`` with ``a = 1 / (1 + sigma^2)`` at the
+    fractional timestep whose level is sigma (:func:`~lcm_kit.consistency.vp_timestep_from_sigma`); sigmas beyond the
+    model's range are clamped to its first / last timestep. ``conditioning(class_labels)`` returns the extra UNet
+    keyword arguments (``class_labels`` by default; e.g. ``encoder_hidden_states`` of class prompts for a
+    text-conditioned teacher).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        conditioning: Callable = class_label_kwargs,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().clone().float(), persistent=False)
+        self.prediction_type = prediction_type
+        self.conditioning = conditioning
+
+    @classmethod
+    def from_scheduler(cls, unet, scheduler, **kwargs) -> "VPDenoiser":
+        """Build from a diffusers DDPM-family scheduler (its ``alphas_cumprod`` and ``prediction_type``)."""
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise TypeError(
+                f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(scheduler).__name__}."
+            )
+        return cls(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, **kwargs)
+
+    def forward(self, sample: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        sigma = batch_sigma(sigma, sample)
+        timestep = vp_timestep_from_sigma(sigma.float(), self.alphas_cumprod)
+        alpha = append_dims(1 / (1 + sigma.float() ** 2), sample.ndim)
+        model_input = sample * alpha.sqrt()
+        model_output = backbone_output(self.unet, model_input.to(sample.dtype), timestep, self.conditioning(class_labels))
+        return predicted_original_sample(model_output.float(), model_input.float(), alpha, self.prediction_type).to(
+            sample.dtype
+        )

@@ -1,0 +1,427 @@
+"""The LCM / LCM-LoRA training objective: a Stable Diffusion 1.x / 2.x teacher, its student, the distillation loss.
+
+:class:`LCMObjective` is what :func:`lcm_kit.training.loop.run_training` drives with
+:class:`~lcm_kit.training.losses.LCMDistillationLoss`:
+
+* ``mode="lora"``: one UNet. The student is the teacher plus an LCM-LoRA; the teacher is the *same* module with the
+  adapter disabled (no second copy) and the target is the student under ``no_grad``. Frozen weights are cast to the
+  mixed-precision dtype, the adapter stays fp32. Student and target run each LoRA layer as one op with ``W + s·B·A``
+  (:mod:`lcm_kit.training.fused_lora`, exact; off with ``--lora_dropout > 0``).
+* ``mode="full"``: the student is a copy of the teacher with a guidance embedding input (``time_cond_proj_dim``),
+  the target is its EMA (``--ema_decay``, kept by the loop) and is what gets saved.
+
+The teacher's conditional and unconditional predictions come from ONE batched forward; ``--torch_compile`` compiles
+the UNet(s) (opt-in). :func:`train_lcm_distillation` runs the whole job from parsed flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import cast_training_params
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..consistency import append_dims, guidance_scale_embedding
+from ..lora import add_lcm_lora, export_kohya, save_lora_weights
+from ..pipelines import LCMPipeline
+from ..schedulers import ConsistencyScheduler
+from ..utils import sample_latents, unwrap_model
+from . import hub
+from .args import build_lcm_lora_parser, build_lcm_parser, validate_data_args, validate_lcm_args, validate_training_args
+from .data import build_dataloader_from_args, build_encoded_cache, load_train_dataset_from_args
+from .fused_lora import fused_lora_forward, lora_fusion_blockers
+from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
+from .losses import LCMDistillationConfig, LCMDistillationLoss
+
+logger = logging.getLogger(__name__)
+
+MODES = ("lora", "full")
+DEFAULT_VALIDATION_PROMPTS = (
+    "a photo of an astronaut riding a horse",
+    "a cozy cabin in a snowy forest, warm light",
+    "a bowl of ramen, studio photograph",
+    "a watercolor painting of a lighthouse at dawn",
+)
+CACHE_FORMAT_VERSION = "lcm-kit-cache-v1:vae-posterior-parameters"
+
+
+def _place(module, device, dtype):
+    """Move a module, casting only when its dtype differs (diffusers warns on every dtype cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module
+
+
+def config_from_args(args, prediction_type: str, num_train_timesteps: int) -> LCMDistillationConfig:
+    return LCMDistillationConfig(
+        num_train_timesteps=num_train_timesteps,
+        num_ddim_timesteps=args.num_ddim_timesteps,
+        solver=args.solver,
+        w_min=args.w_min,
+        w_max=args.w_max,
+        timestep_scaling_factor=args.timestep_scaling_factor,
+        loss_type=args.loss_type,
+        huber_c=args.huber_c,
+        prediction_type=prediction_type,
+    )
+
+
+@contextlib.contextmanager
+def _adapter_disabled(unet):
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+class LCMObjective(TrainingObjective):
+    """Latent consistency distillation of an SD 1.x / 2.x teacher (``mode`` "lora" or "full")."""
+
+    def __init__(self, args, accelerator, mode: str = "lora", components: dict | None = None):
+        """Load the teacher from ``args.pretrained_teacher_model`` (or take ``components``: a dict with ``unet``,
+        ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` as in a diffusers pipeline) and build the student."""
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        self.args, self.accelerator, self.mode = args, accelerator, mode
+        self.device = accelerator.device
+        self.weight_dtype = weight_dtype_for(accelerator)
+        self.name = "lcm-lora-distill" if mode == "lora" else "lcm-distill"
+        components = components or load_teacher_components(args)
+        self.tokenizer = components["tokenizer"]
+        self.teacher_scheduler_config = dict(components["scheduler"].config)
+        config = config_from_args(
+            args,
+            prediction_type=components["scheduler"].config.prediction_type,
+            num_train_timesteps=components["scheduler"].config.num_train_timesteps,
+        )
+        self.loss = LCMDistillationLoss(components["scheduler"].alphas_cumprod.to(self.device, torch.float32), config)
+
+        self.vae = components["vae"].requires_grad_(False).eval()
+        # The VAE stays fp32 (SD VAEs overflow in fp16; with --cache_latents it runs once anyway).
+        _place(self.vae, self.device, torch.float32)
+        self.text_encoder = components["text_encoder"].requires_grad_(False).eval()
+        _place(self.text_encoder, self.device, self.weight_dtype)
+
+        teacher_unet = components["unet"].requires_grad_(False)
+        if teacher_unet.config.time_cond_proj_dim is not None:
+            raise ValueError(
+                "pretrained_teacher_model must be an ordinary SD UNet, got one with time_cond_proj_dim="
+                f"{teacher_unet.config.time_cond_proj_dim} (already a distilled LCM)."
+            )
+        self.guidance_embedding_dim = None
+        self.target_unet = None
+        self.teacher_unet = None
+        if mode == "lora":
+            targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+            # Frozen base in the mixed-precision dtype; the adapter's parameters are created (then kept) in fp32.
+            _place(teacher_unet, self.device, self.weight_dtype)
+            self.unet = add_lcm_lora(teacher_unet, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+            cast_training_params(self.unet, dtype=torch.float32)
+        else:
+            self.guidance_embedding_dim = args.unet_time_cond_proj_dim
+            student = UNet2DConditionModel.from_config(
+                teacher_unet.config, time_cond_proj_dim=self.guidance_embedding_dim
+            )
+            missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+                raise RuntimeError(f"Student/teacher mismatch: missing {missing}, unexpected {unexpected}.")
+            # Zero-initialised guidance projection: the student starts as exactly the teacher.
+            torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+            self.unet = _place(student, self.device, torch.float32).train().requires_grad_(True)
+            self.teacher_unet = _place(teacher_unet, self.device, self.weight_dtype).eval()
+            self.target_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.unet.train()
+        if args.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if args.torch_compile:
+            # In place (nn.Module.compile): same module objects, so peft, saving and unwrapping see no wrapper.
+            for module in (self.unet, self.teacher_unet, self.target_unet):
+                if module is not None:
+                    module.compile()
+        self.fuse_student_lora = self.fuse_target_lora = False
+        if mode == "lora":
+            self._choose_lora_fusion()
+        with torch.no_grad():
+            self.uncond_embeds = self.encode_prompts([""])["prompt_embeds"]
+
+    @property
+    def config(self) -> LCMDistillationConfig:
+        return self.loss.config
+
+    def _choose_lora_fusion(self):
+        """Run the adapter fused (one op per LoRA layer) wherever that is exactly peft's function."""
+        blockers = lora_fusion_blockers(self.unet)
+        if blockers:
+            name, why = next(iter(blockers.items()))
+            logger.info("LoRA runs unfused (peft's forward): %d layer(s) cannot be fused, e.g. %s: %s.",
+                        len(blockers), name, why)
+            return
+        self.fuse_target_lora = True
+        # Gradient checkpointing recomputes blocks during backward, outside the step's fused context: the
+        # recomputation would run peft's forward and save different tensors, so the student stays unfused then.
+        self.fuse_student_lora = not self.args.gradient_checkpointing
+
+    # ---- encoders (also used to build the caches) ---------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return {"prompt_embeds": self.text_encoder(ids)[0].float()}
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (mean and log-variance channels). The latent is *sampled* from them at
+        each training step, so a cached run trains on the same distribution as an uncached one."""
+        return self.vae.encode(pixel_values.to(self.device, torch.float32)).latent_dist.parameters.float()
+
+    def latents_from_posterior(self, parameters: torch.Tensor, generator) -> torch.Tensor:
+        posterior = DiagonalGaussianDistribution(parameters.to(self.device, torch.float32))
+        return sample_latents(posterior.mean, posterior.std, generator, self.vae.config.scaling_factor,
+                              getattr(self.vae.config, "shift_factor", None))
+
+    def cache_fingerprint(self) -> str:
+        """Identity of the encoders that produce cached tensors (a changed model or dtype never reuses a cache)."""
+        digest = hashlib.sha256(CACHE_FORMAT_VERSION.encode())
+        digest.update(json.dumps([str(self.args.pretrained_teacher_model), self.args.revision, self.args.variant]).encode())
+        for module in (self.vae, self.text_encoder):
+            digest.update(json.dumps(dict(module.config) if isinstance(module.config, dict) else module.config.to_dict(),
+                                     sort_keys=True, default=str).encode())
+            digest.update(str(next(module.parameters()).dtype).encode())
+            with torch.no_grad():  # a cheap weight checksum: catches re-trained weights at the same path
+                sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+            digest.update(sums.cpu().numpy().tobytes())
+        digest.update(str(self.tokenizer.model_max_length).encode())
+        return digest.hexdigest()[:32]
+
+    # ---- TrainingObjective ----------------------------------------------------------------------------------
+    def trainable_model(self):
+        return self.unet
+
+    def averaged_models(self):
+        if self.mode != "full":
+            return {}
+        return {"target": (self.target_unet, lambda step: self.args.ema_decay)}
+
+    def _batch_latents_and_embeds(self, batch, generator):
+        if "latents" in batch:
+            latents = self.latents_from_posterior(batch["latents"], generator)
+        elif "pixel_values" in batch:
+            with torch.no_grad():
+                latents = self.latents_from_posterior(self.encode_images(batch["pixel_values"]), generator)
+        else:
+            raise ValueError(f"batch must hold 'pixel_values' or 'latents', got keys {sorted(batch)}.")
+        if "prompt_embeds" in batch:
+            prompt_embeds = batch["prompt_embeds"].to(self.device, torch.float32)
+        elif "captions" in batch:
+            prompt_embeds = self.encode_prompts(batch["captions"])["prompt_embeds"]
+        else:
+            raise ValueError(f"batch must hold 'captions' or 'prompt_embeds', got keys {sorted(batch)}.")
+        return latents, prompt_embeds
+
+    def compute_loss(self, model, batch, step, generator):
+        args, device = self.args, self.device
+        latents, prompt_embeds = self._batch_latents_and_embeds(batch, generator)
+        batch_size = latents.shape[0]
+        uncond = self.uncond_embeds.expand(batch_size, -1, -1)
+        if args.proportion_empty_prompts > 0:
+            empty = torch.rand(batch_size, generator=generator, device=device) < args.proportion_empty_prompts
+            prompt_embeds = torch.where(append_dims(empty, prompt_embeds.ndim), uncond, prompt_embeds)
+        plain = unwrap_model(model)
+
+        def w_embedding(w):
+            if self.mode != "full":
+                return None
+            return guidance_scale_embedding(w, self.guidance_embedding_dim).to(device)
+
+        def student(x, t, w):
+            # (the prepared module already autocasts; this also covers an objective used without prepare)
+            with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_student_lora):
+                return model(x, t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding(w)).sample
+
+        def teacher(x, t):
+            # cond and uncond in ONE batched forward
+            with self.accelerator.autocast(), self._teacher_weights(plain) as unet:
+                out = unet(
+                    torch.cat([x, x]).to(self.weight_dtype),
+                    torch.cat([t, t]),
+                    encoder_hidden_states=torch.cat([prompt_embeds, uncond]).to(self.weight_dtype),
+                ).sample
+            return out.float().chunk(2)
+
+        def target(x, t, w):
+            unet = self.target_unet if self.mode == "full" else plain
+            with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_target_lora):
+                return unet(x, t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding(w)).sample.float()
+
+        output = self.loss(student, teacher, target, latents, generator)
+        return output.loss.mean(), {}
+
+    @staticmethod
+    def _lora_forward(unet, fused: bool):
+        """The LoRA layers as ONE op each (``W + s·B·A``) or peft's own forward."""
+        return fused_lora_forward(unet) if fused else contextlib.nullcontext()
+
+    def _teacher_weights(self, unet):
+        """The teacher: for LoRA the student's own base with the adapter switched off (no second copy)."""
+        if self.mode == "lora":
+            return _adapter_disabled(unet)
+        return contextlib.nullcontext(self.teacher_unet)
+
+    def inference_unet(self, model):
+        """The network users get: the EMA target (full) or the student with its adapter (LoRA)."""
+        return self.target_unet if self.mode == "full" else model
+
+    def validation_pipeline(self, model):
+        return LCMPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.inference_unet(model),
+            scheduler=ConsistencyScheduler.from_config(self.teacher_scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @torch.no_grad()
+    def validate(self, model, step):
+        prompts = self.args.validation_prompts
+        if prompts is None:
+            prompts = list(DEFAULT_VALIDATION_PROMPTS)
+        if not prompts:
+            return None
+        guidance = self.args.validation_guidance_scale
+        if guidance is None:
+            guidance = 1.0 if self.mode == "lora" else 8.0
+        unet = self.inference_unet(model)
+        was_training = unet.training
+        unet.eval()  # no dropout: validation must not consume the global RNG
+        try:
+            pipe = self.validation_pipeline(model)
+            pipe.set_progress_bar_config(disable=True)
+            generator = torch.Generator(device=self.device).manual_seed(self.args.seed)
+            with self.accelerator.autocast():
+                images = pipe(
+                    prompt=list(prompts),
+                    num_inference_steps=self.args.validation_num_inference_steps,
+                    guidance_scale=guidance,
+                    height=self.args.resolution,
+                    width=self.args.resolution,
+                    generator=generator,
+                ).images
+        finally:
+            unet.train(was_training)
+        return images
+
+    def save_final(self, model, output_dir):
+        output_dir = Path(output_dir)
+        written = []
+        if self.mode == "lora":
+            written.append(str(save_lora_weights(model, output_dir)))
+            if self.args.export_kohya:
+                written.append(str(export_kohya(model, output_dir / "pytorch_lora_weights_kohya.safetensors")))
+        else:
+
+            self.target_unet.save_pretrained(output_dir / "unet", safe_serialization=True)
+            LCMScheduler.from_config(self.teacher_scheduler_config).save_pretrained(output_dir / "scheduler")
+            written += [str(output_dir / "unet"), str(output_dir / "scheduler")]
+        return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, data, the whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_teacher_components(args) -> dict:
+    """Tokenizer, text encoder, VAE, UNet and noise schedule of the teacher folder / Hub id."""
+
+    source = args.pretrained_teacher_model
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--pretrained_teacher_model={source!r} is not a diffusers Stable Diffusion folder or Hub id "
+            f"(no scheduler/ found): {error}"
+        ) from error
+    return dict(
+        scheduler=scheduler,
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common),
+    )
+
+
+def build_train_dataloader(args, source, objective: LCMObjective, accelerator):
+    """The training DataLoader: images + captions, or the encoded cache with ``--cache_latents`` /
+    ``--cache_text_embeddings``."""
+    if not (args.cache_latents or args.cache_text_embeddings):
+        return build_dataloader_from_args(args, source)
+    cache_dir = os.path.join(args.cache_dir or os.path.join(args.output_dir, "cache"), "encoded")
+    with accelerator.main_process_first():
+        cache = build_encoded_cache(
+            source,
+            encode_images=objective.encode_images if args.cache_latents else None,
+            encode_prompts=objective.encode_prompts if args.cache_text_embeddings else None,
+            resolution=args.resolution,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+            cache_dir=cache_dir,
+            fingerprint=objective.cache_fingerprint(),
+            batch_size=args.train_batch_size,
+            seed=args.seed,
+        )
+    return build_dataloader_from_args(args, cache)
+
+
+def train_lcm_distillation(args, mode: str, hub_client=None, command: Sequence[str] | None = None):
+    """Validate the flags, open the data, distill, push: the whole ``train_lcm_lora`` (``mode="lora"``) or
+    ``train_lcm`` (``mode="full"``) run. Returns the loop's :class:`~lcm_kit.training.loop.TrainingResult`.
+
+    ``hub_client``: an ``HfApi``-like client for ``--push_to_hub`` (default: ``HfApi``); ``command``: the argv shown
+    in the model card (secrets redacted).
+    """
+    validate_training_args(args)
+    validate_data_args(args)
+    validate_lcm_args(args)
+    # The data source first: a wrong column fails before any model is loaded.
+    source = load_train_dataset_from_args(args)
+    accelerator = create_accelerator(args)
+    objective = LCMObjective(args, accelerator, mode=mode)
+    dataloader = build_train_dataloader(args, source, objective, accelerator)
+    result = run_training(args, accelerator, objective, dataloader)
+    if args.push_to_hub and accelerator.is_main_process:
+        card = hub.render_lcm_model_card(args, mode == "lora", result, command)
+        hub.push_training_outputs(args, card, client=hub_client)
+    return result
+
+
+def main_for_mode(mode: str, argv: Sequence[str] | None = None, hub_client=None):
+    """The entry point of ``train_lcm_lora`` (``mode="lora"``) or ``train_lcm`` (``"full"``): parse ``argv``
+    (default ``sys.argv[1:]``) and run :func:`train_lcm_distillation`."""
+    parser = build_lcm_lora_parser() if mode == "lora" else build_lcm_parser()
+    args = parser.parse_args(argv)
+    script = "train_lcm_lora.py" if mode == "lora" else "train_lcm.py"
+    command = [script, *(sys.argv[1:] if argv is None else argv)]
+    return train_lcm_distillation(args, mode, hub_client=hub_client, command=command)
