@@ -21,7 +21,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from lcm_kit import LCMPipeline
-from lcm_kit.lora import add_lcm_lora, save_lora_weights
+from lcm_kit.lora import add_lcm_lora, load_lora_weights_strict, save_lora_weights
 from lcm_kit.testing import tiny_sd_components, tiny_unet
 from lcm_kit.utils import dtype_kwarg, resolve_device, resolve_dtype
 
@@ -70,7 +70,7 @@ def main(argv=None) -> Path:
             if args.model != "tiny-sd1":
                 raise SystemExit("--lora is required with a real model, e.g. latent-consistency/lcm-lora-sdv1-5")
             lora = make_offline_lcm_lora(tmp)
-        pipe.load_lora_weights(lora)
+        load_lora_weights_strict(pipe, lora)  # diffusers' loader, every tensor verified, safetensors only
 
     images = pipe(
         args.prompt,

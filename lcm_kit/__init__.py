@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConsistencyScheduler": "lcm_kit.schedulers",
     "ConsistencySchedulerOutput": "lcm_kit.schedulers",
+    "TrajectoryConsistencyScheduler": "lcm_kit.schedulers",
+    "TrajectoryConsistencySchedulerOutput": "lcm_kit.schedulers",
     "LCMPipeline": "lcm_kit.pipelines",
     "CMMultistepScheduler": "lcm_kit.schedulers",
     "CMPipeline": "lcm_kit.pipelines",

@@ -184,8 +184,10 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: t
         raise ValueError(f"w must be a 1-D tensor of guidance weights, got shape {tuple(w.shape)}.")
     w = w * 1000.0
     half_dim = embedding_dim // 2
+    # The 0-dim CPU scalar is allowed beside device tensors (and keeps diffusers' float32 rounding); the table is
+    # built on w's device: a CPU one times a (B, 1) accelerator tensor is a device error.
     emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
-    emb = torch.exp(torch.arange(half_dim, dtype=dtype) * -emb)
+    emb = torch.exp(torch.arange(half_dim, dtype=dtype, device=w.device) * -emb)
     emb = w.to(dtype)[:, None] * emb[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     if embedding_dim % 2 == 1:
@@ -200,11 +202,13 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: t
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA, RHO = 0.002, 80.0, 0.5, 7.0
 
 
-def karras_sigmas(num: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
-    """``num`` Karras noise levels in **ascending** order, sigma_1 = sigma_min ... sigma_N = sigma_max (float64)."""
+def karras_sigmas(num: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+                  device: str | torch.device | None = None):
+    """``num`` Karras noise levels in **ascending** order, sigma_1 = sigma_min ... sigma_N = sigma_max (float64),
+    computed on ``device`` (a training step then copies nothing from the host)."""
     if num < 2:
         raise ValueError(f"num must be >= 2 to span [sigma_min, sigma_max], got {num}.")
-    ramp = torch.linspace(0, 1, num, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, num, dtype=torch.float64, device=device)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (min_inv + ramp * (max_inv - min_inv)) ** rho
 

@@ -47,7 +47,8 @@ def batch_sigma(sigma, sample: torch.Tensor) -> torch.Tensor:
     on the sample's device."""
     batch = sample.shape[0]
     if not torch.is_tensor(sigma):
-        sigma = torch.tensor(float(sigma), device=sample.device)
+        # a fill on the device, not torch.tensor(..., device=...): that one copies from the host and waits for it
+        sigma = torch.full((), float(sigma), dtype=torch.float32, device=sample.device)
     sigma = sigma.to(device=sample.device, dtype=sample.dtype if sample.is_floating_point() else torch.float32)
     sigma = sigma.reshape(-1)
     if sigma.numel() == 1:

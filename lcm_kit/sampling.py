@@ -36,7 +36,7 @@ def consistency_sample(
         num_inference_steps = 1
     scheduler.set_timesteps(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                             device=noise.device)
-    sample = noise * scheduler.sigmas[0].to(noise.device, noise.dtype)
+    sample = noise * scheduler.sigmas[0].to(noise.dtype)  # a 0-dim host scalar: nothing is copied to the device
     extra = conditioning(class_labels)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, t)
@@ -63,6 +63,7 @@ def edm_sample(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    # The grid is computed in float64 on the host (MPS has no float64) and copied once per call, not per step.
     if num_steps == 1:
         grid = torch.tensor([sigma_max], dtype=torch.float64)
     else:

@@ -118,3 +118,32 @@ def atomic_save_file(tensors: Mapping[str, torch.Tensor], file: str | os.PathLik
             os.remove(tmp)
         raise
     return file
+
+
+def captioned_grid(images, captions=None, cols: int | None = None, caption_height: int = 14):
+    """One PIL image of ``images`` in rows of ``cols`` (default: all in one row), each with its caption (default:
+    ``image.info["caption"]`` when set) written in a strip below it, clipped to the tile's width."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = [image.convert("RGB") for image in images]
+    if not images:
+        raise ValueError("images must hold at least one image.")
+    if captions is None:
+        captions = [image.info.get("caption") for image in images]
+    if len(captions) != len(images):
+        raise ValueError(f"captions has {len(captions)} entries for {len(images)} images.")
+    cols = cols or len(images)
+    width, height = images[0].size
+    strip = caption_height if any(captions) else 0
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * width, rows * (height + strip)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for index, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (index % cols) * width, (index // cols) * (height + strip)
+        grid.paste(image.resize((width, height)) if image.size != (width, height) else image, (x, y))
+        if caption:
+            text = str(caption)
+            while text and draw.textlength(text, font=font) > width - 2:
+                text = text[:-1]
+            draw.text((x + 1, y + height + 1), text, fill="black", font=font)
+    return grid

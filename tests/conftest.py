@@ -15,6 +15,21 @@ from PIL import Image
 HUB_TOKEN = "hf_" + "SeCrEt" * 6
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """datasets' caches (converted shards, imagefolders) in a temporary folder, never in ~/.cache; trainer
+    subprocesses inherit it through the environment."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hf-datasets-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(root))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", root)
+        patch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", root / "downloads")
+        patch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", root / "downloads" / "extracted")
+        yield root
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """2 shared cores: one intra-op thread is several times faster than two fighting other processes."""

@@ -359,6 +359,66 @@ def test_scheduler_matches_cmstochasticiterative_in_the_stock_pipeline(kwargs):
     assert images[0].std() > 0.01
 
 
+@pytest.mark.parametrize("kwargs", [{"num_inference_steps": 3}, {"timesteps": [22, 0]}, {"num_inference_steps": 1}])
+def test_scheduler_draws_the_stock_random_numbers_so_a_reused_generator_gives_the_stock_images(kwargs):
+    """Two sampling loops with one generator: the second loop starts where the stock scheduler's generator is."""
+    unet = tiny_unet(num_class_embeds=10)
+    results = []
+    for scheduler in (CMStochasticIterativeScheduler(), CMMultistepScheduler()):
+        pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        images = [pipe(batch_size=2, class_labels=[3, 4], generator=generator, output_type="pt", **kwargs).images
+                  for _ in range(2)]
+        results.append((images, generator.get_state()))
+    (stock_images, stock_state), (our_images, our_state) = results
+    assert torch.equal(our_state, stock_state)
+    for ours, stock in zip(our_images, stock_images):
+        # The stock last step adds z * sqrt(sigma_min^2 - sigma_min^2), float32 rounding (~7e-7 z); ours returns x0.
+        torch.testing.assert_close(ours, stock, atol=1e-5, rtol=0)
+    assert (our_images[0] - our_images[1]).abs().max() > 0.01  # the second loop really drew other noise
+
+
+class _HostTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Host reads of tensor values (aten._local_scalar_dense), host-to-device copies and host tensors of more than
+    one element made during a step; 0-dim host scalars of the schedule (sigmas[i]) are allowed, as in diffusers."""
+
+    def __init__(self):
+        super().__init__()
+        self.violations = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.violations.append(f"{func}: reads a tensor value on the host")
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in leaves(out) if isinstance(o, torch.Tensor)]
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
+                i.device.type == "cpu" for i in inputs) and any(o.device.type != "cpu" for o in outputs):
+            self.violations.append(f"{func}: copies a host tensor to the device")
+        self.violations += [f"{func}: host tensor {tuple(o.shape)}" for o in outputs
+                            if o.device.type == "cpu" and o.numel() > 1]
+        return out
+
+
+@pytest.mark.parametrize("kwargs", [{"num_inference_steps": 3}, {"timesteps": [22, 0]}, {"sigmas": [80.0, 0.821]}])
+def test_scheduler_runs_on_a_non_cpu_device_without_host_syncs(kwargs):
+    scheduler = CMMultistepScheduler()
+    scheduler.set_timesteps(device="meta", **kwargs)
+    assert scheduler.timesteps.device.type == "meta" and scheduler.sigmas.device.type == "cpu"
+    sample = torch.empty(2, 3, 8, 8, device="meta")
+    for t in scheduler.timesteps:
+        with _HostTraffic() as traffic:
+            model_input = scheduler.scale_model_input(sample, t)
+            out = scheduler.step(torch.empty_like(model_input), t, sample)
+        assert traffic.violations == [], traffic.violations
+        assert out.prev_sample.device.type == out.denoised.device.type == "meta"
+        sample = out.prev_sample
+    assert scheduler.step_index == len(scheduler.timesteps)
+
+
 def test_scheduler_sigma_lists_equal_the_stock_timestep_lists_and_any_length():
     stock = CMStochasticIterativeScheduler()
     stock.set_timesteps(timesteps=[30, 12, 0])

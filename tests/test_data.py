@@ -669,3 +669,62 @@ def test_cache_with_the_tiny_vae_and_text_encoder_round_trips(tmp_path, data_roo
         torch.testing.assert_close(item["prompt_embeds"], encode_prompts([_caption(1)])["prompt_embeds"][0],
                                    rtol=1e-5, atol=1e-5)
     assert item["latents"].shape == (vae.config.latent_channels, 16, 16)
+
+
+def test_a_skipping_source_pickles_and_keeps_its_count(data_root):
+    """The shared count travels to worker processes; any other pickle (a copy saved, a spawn start) keeps the count
+    it had instead of failing on the shared memory."""
+    import pickle
+
+    from lcm_kit.training.data import BadSampleError
+
+    source = load_train_dataset(dataset_name=str(data_root / "folder"), skip_bad_samples=True)
+    source.skipped.add(BadSampleError("sample 9: test", "sample 9"), "test")
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy.num_skipped_samples == 1 and copy.skip_bad_samples
+    copy.skipped.add(BadSampleError("sample 8: test", "sample 8"), "test")
+    assert (copy.num_skipped_samples, source.num_skipped_samples) == (2, 1)
+
+
+def test_encoded_caches_hold_the_replacement_of_a_skipped_sample(tmp_path, data_root, caplog):
+    """Encoding with skip_bad_samples stores the next good sample at a bad index; a text-only cache (images read
+    live) replays the same replacement, so its captions and pixels still agree."""
+    import shutil
+
+    folder = tmp_path / "folder"
+    shutil.copytree(data_root / "folder", folder)
+    (folder / "2.png").write_bytes(b"not a png")
+    source = load_train_dataset(dataset_name=str(folder), skip_bad_samples=True)
+    enc = CountingEncoders()
+    with caplog.at_level("WARNING", logger="lcm_kit.training.data"):
+        cache = build_encoded_cache(source, enc.images, enc.prompts, RES, True, False, tmp_path / "c", "te",
+                                    batch_size=4)
+    assert cache.captions == [_caption(3 if i == 2 else i) for i in range(NUM)]
+    torch.testing.assert_close(cache[2]["latents"], enc.images(_expected(3)[None])[0])
+    assert any("1 bad sample(s) skipped while encoding" in r.getMessage() for r in caplog.records)
+    text_only = build_encoded_cache(source, None, enc.prompts, RES, True, False, tmp_path / "t", "te", batch_size=4)
+    item = text_only[2]
+    assert item["captions"] == _caption(3)
+    torch.testing.assert_close(item["pixel_values"], _expected(3))
+
+
+def test_spawned_workers_add_to_the_same_skip_count(tmp_path, data_root):
+    """Under the "spawn" start method (macOS, Windows) the shared count is pickled into each worker: their skips
+    still add up in the main process."""
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    from lcm_kit.training.data import collate_text_image
+
+    folder = tmp_path / "folder"
+    shutil.copytree(data_root / "folder", folder)
+    (folder / "1.png").write_bytes(b"")
+    (folder / "4.png").write_bytes(b"junk")
+    source = load_train_dataset(dataset_name=str(folder), skip_bad_samples=True)
+    dataset = build_dataloader(source, RES, True, False, 2, 0, seed=0).dataset
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn",
+                        collate_fn=collate_text_image)
+    captions = [c for batch in loader for c in batch["captions"]]
+    assert captions == [_caption({1: 2, 4: 5}.get(i, i)) for i in range(NUM)]
+    assert source.num_skipped_samples == 2

@@ -16,12 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from lcm_kit.training.hub import (
     DEFAULT_IGNORE_PATTERNS,
-    args_for_saving,
-    is_secret_name,
     license_from_model_folder_or_card,
     push_to_hub,
-    redact_command,
     render_model_card,
+)
+from lcm_kit.training.redaction import (
+    args_for_saving,
+    is_secret_name,
+    redact_command,
     training_command,
     write_training_args,
 )

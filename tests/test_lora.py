@@ -302,9 +302,12 @@ def test_naive_mixed_key_styles_drop_attention_lora(tmp_path):
     assert not any(n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) for n in layers)  # attention LoRA dropped
     assert max_diff(run(stock), expected) > 1e-2
 
-    with pytest.raises(ValueError, match="not applied completely") as err:
+    # The strict loader says so before loading, naming exactly the modules stock diffusers drops.
+    with pytest.raises(ValueError, match="mixes two key styles") as err:
         load_lora_weights_strict(fresh("sd1"), tmp_path)
-    assert "attn1.to_q: not adapted" in str(err.value)
+    named = set(re.search(r"drop the LoRA of \d+ modules: (.*)\. Save", str(err.value))[1].split(", "))
+    dropped = {f"unet.{n}" for n in lora_layers(pipe.unet, "default")} - {f"unet.{n}" for n in layers}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in named and named == dropped
 
 
 def test_naive_save_without_metadata_loses_alpha(tmp_path):
@@ -364,3 +367,60 @@ def test_bad_arguments(tmp_path):
         load_lora_weights_strict(unet, tmp_path)
     with pytest.raises(ValueError, match="not a local file or directory"):
         load_lora_weights_strict(unet, "lcm-kit-tests/no-such-repo", local_files_only=True)  # never the network
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7: a load that fails halfway leaves the target exactly as it was
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pipeline_state(pipe):
+    return (
+        pipe.get_list_adapters(),
+        {c: [(n, type(m).__name__) for n, m in getattr(pipe, c).named_modules()] for c in ("unet", "text_encoder")},
+        {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("unet", "text_encoder")},
+    )
+
+
+def assert_same_state(after, before):
+    assert after[0] == before[0] and after[1] == before[1]
+    for component, state in before[2].items():
+        assert after[2][component].keys() == state.keys(), component
+        assert all(torch.equal(after[2][component][k], v) for k, v in state.items()), component
+
+
+@pytest.mark.parametrize("holds_an_adapter", [False, True])
+@pytest.mark.parametrize("failure", ["raises", "loads nothing"])
+def test_strict_loader_restores_the_target_when_diffusers_fails_halfway(tmp_path, monkeypatch, holds_an_adapter,
+                                                                       failure):
+    """diffusers injects the LoRA layers, then fails to fill them (an exception, or weights that are not the
+    file's): the new adapter is deleted and the layers it wrapped are plain layers again, so the state dict, the
+    module types and the adapter list are what they were (diffusers' delete_adapters alone leaves peft wrappers)."""
+    import peft
+
+    file = save_lora_weights(adapted("sd1").unet, tmp_path / "lora")
+    target = fresh("sd1")
+    if holds_an_adapter:
+        other = fresh("sd1")
+        add_lcm_lora(other.unet, rank=2, alpha=2, target_modules=["to_q", "conv1"])
+        randomize_lora(other.unet, seed=1)
+        load_lora_weights_strict(target, save_lora_weights(other.unet, tmp_path / "other"), adapter_name="other")
+    before = pipeline_state(target)
+    real = peft.set_peft_model_state_dict
+
+    def halfway(model, state_dict, adapter_name="default", **kwargs):
+        if failure == "raises":
+            raise RuntimeError("disk on fire")
+        return real(model, {k: torch.zeros_like(v) for k, v in state_dict.items()}, adapter_name, **kwargs)
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", halfway)
+    expected = "failed on LoRA file .*RuntimeError: disk on fire" if failure == "raises" else "not applied completely"
+    with pytest.raises(ValueError, match=expected) as err:
+        load_lora_weights_strict(target, file)
+    assert str(file) in str(err.value)
+    assert_same_state(pipeline_state(target), before)
+    assert before[0] == ({"unet": ["other"]} if holds_an_adapter else {})
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", real)  # and the same file then loads completely
+    load_lora_weights_strict(target, file, adapter_name="lcm")
+    assert sorted(target.get_list_adapters()["unet"]) == (["lcm", "other"] if holds_an_adapter else ["lcm"])

@@ -3,6 +3,8 @@
 All on the tiny kit at 32x32 pixels (16x16 latents), CPU float32.
 """
 
+import json
+
 import pytest
 import torch
 from diffusers import (
@@ -88,7 +90,7 @@ def test_from_pretrained_sd_folder_and_save_round_trip(tmp_path, sd1_pipe):
     ref = reference(PROMPT, **SIZE, generator=gen(), output_type="latent").images
     assert max_diff(out, ref) <= TOL
 
-    # save_pretrained keeps the ConsistencyScheduler (it is importable from lcm_kit), and reloads identically.
+    # save_pretrained writes the stock LCMScheduler it equals; LCMPipeline gets its ConsistencyScheduler back.
     pipe.save_pretrained(tmp_path / "lcm")
     again = LCMPipeline.from_pretrained(tmp_path / "lcm")
     again.set_progress_bar_config(disable=True)
@@ -357,7 +359,6 @@ def test_load_fuse_unfuse_set_adapters(tmp_path):
         (dict(prompt=PROMPT, num_images_per_prompt=2, generator=[gen(0), gen(1), gen(2)]), "generator"),
         (dict(prompt=[PROMPT, "b"], generator=[gen(0)]), "generator"),
         (dict(prompt=PROMPT, strength=0.5), "strength.*without `image`"),
-        (dict(prompt=PROMPT, image=torch.rand(1, 3, 32, 32)), "strength"),
         (dict(prompt=PROMPT, image=torch.rand(1, 3, 32, 32), strength=0.0), "strength"),
         (dict(prompt=PROMPT, image=torch.rand(1, 3, 32, 32), strength=1.5), "strength"),
         (dict(prompt=PROMPT, negative_prompt="ugly"), "negative prompt.*guidance_scale=1.0"),
@@ -376,3 +377,204 @@ def test_bad_input_raises(sd1_pipe, kwargs, match):
 def test_negative_prompt_refused_for_distilled_lcm(distilled):
     with pytest.raises(ValueError, match="distilled LCM"):
         lcm_pipe(distilled)(PROMPT, negative_prompt="ugly", num_inference_steps=1, **SIZE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# drop-in use: what a diffusers user tries first
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_img2img_strength_defaults_to_diffusers_0_8(sd1_pipe):
+    image = torch.rand(1, 3, 32, 32, generator=gen(3))
+    default = sd1_pipe(PROMPT, image=image, generator=gen(), output_type="latent").images
+    explicit = sd1_pipe(PROMPT, image=image, strength=0.8, generator=gen(), output_type="latent").images
+    half = sd1_pipe(PROMPT, image=image, strength=0.5, generator=gen(), output_type="latent").images
+    assert torch.equal(default, explicit) and max_diff(default, half) > 1e-3
+
+
+def test_scheduler_none_builds_a_prompt_encoder_and_names_the_missing_scheduler(sd1, tmp_path):
+    pipe = LCMPipeline(**{**sd1, "scheduler": None}, requires_safety_checker=False)
+    embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    reference, _ = lcm_pipe(sd1).encode_prompt(PROMPT, "cpu", 1, False)
+    assert torch.equal(embeds, reference)
+    with pytest.raises(ValueError, match="no scheduler"):
+        pipe(PROMPT, num_inference_steps=1, **SIZE)
+    folder = save_tiny_pipeline("sd1", tmp_path / "sd1")
+    assert LCMPipeline.from_pretrained(folder, scheduler=None).scheduler is None
+
+
+def test_from_pipe_reuses_the_stock_pipelines_components(sd1):
+    stock = StableDiffusionPipeline(**sd1, requires_safety_checker=False)
+    pipe = LCMPipeline.from_pipe(stock)
+    assert pipe.unet is stock.unet and pipe.vae is stock.vae and pipe.text_encoder is stock.text_encoder
+    assert isinstance(pipe.scheduler, ConsistencyScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, num_inference_steps=2, generator=gen(), output_type="latent", **SIZE).images
+    ref = lcm_pipe(sd1)(PROMPT, num_inference_steps=2, generator=gen(), output_type="latent", **SIZE).images
+    assert max_diff(out, ref) <= TOL
+
+
+def test_stock_cfg_cutoff_callback_turns_guidance_off_part_way(sd1):
+    """diffusers' SDCFGCutoffCallback sets pipe._guidance_scale = 0 and keeps the conditional embedding: the steps
+    after the cutoff run one UNet pass without guidance, as in stock pipelines."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = lcm_pipe(sd1)
+    batches = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k)
+    callback = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    out = pipe(PROMPT, num_inference_steps=4, guidance_scale=2.0, generator=gen(), output_type="latent",
+               callback_on_step_end=callback, **SIZE).images
+    assert batches == [2, 2, 1, 1] and torch.isfinite(out).all()
+    assert pipe._guidance_scale == 0.0
+
+
+def test_saved_folder_loads_in_stock_diffusers_and_back(sd1, distilled, tmp_path):
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    for name, components, stock_class in (("lora", sd1, StableDiffusionPipeline),
+                                          ("distilled", distilled, LatentConsistencyModelPipeline)):
+        ours = lcm_pipe(components)
+        ours.save_pretrained(tmp_path / name)
+        for loader in (DiffusionPipeline, AutoPipelineForText2Image):
+            stock = loader.from_pretrained(tmp_path / name)
+            assert type(stock) is stock_class and type(stock.scheduler) is LCMScheduler, loader
+        stock = DiffusionPipeline.from_pretrained(tmp_path / name)
+        stock.set_progress_bar_config(disable=True)
+        back = LCMPipeline.from_pretrained(tmp_path / name)
+        back.set_progress_bar_config(disable=True)
+        assert isinstance(back.scheduler, ConsistencyScheduler)
+        kwargs = dict(num_inference_steps=4, guidance_scale=8.5 if name == "distilled" else 1.0, **SIZE,
+                      output_type="latent")
+        a = stock(PROMPT, generator=gen(), **kwargs).images
+        b = back(PROMPT, generator=gen(), **kwargs).images
+        c = ours(PROMPT, generator=gen(), **kwargs).images
+        assert max_diff(a, b) == 0.0  # the same loaded weights: stock diffusers and lcm-kit sample identically
+        # in memory vs loaded: diffusers' loader keeps file tensors at other alignments and CPU kernels round
+        # differently (1.6e-5 here); a wrong scheduler or guidance would be off by O(1)
+        assert max_diff(b, c) <= 1e-4
+
+
+def test_ip_adapter_arguments_are_accepted_and_checked(sd1_pipe):
+    import inspect
+
+    params = inspect.signature(sd1_pipe.__call__).parameters
+    assert {"ip_adapter_image", "ip_adapter_image_embeds"} <= set(params)
+    with pytest.raises(ValueError, match="ip_adapter_image_embeds"):
+        sd1_pipe(PROMPT, ip_adapter_image_embeds=torch.zeros(1, 1, 8), num_inference_steps=1, **SIZE)
+    with pytest.raises(ValueError, match="not both"):
+        sd1_pipe(PROMPT, ip_adapter_image=torch.rand(1, 3, 32, 32), ip_adapter_image_embeds=[torch.zeros(1, 1, 8)],
+                 num_inference_steps=1, **SIZE)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(guidance_scale="2"), "guidance_scale"),
+        (dict(num_inference_steps="4"), "num_inference_steps"),
+        (dict(num_inference_steps=2.5), "num_inference_steps"),
+        (dict(height=32.0), "height"),
+        (dict(prompt=[]), "prompt"),
+        (dict(prompt=["a", 3]), "prompt"),
+        (dict(latents=torch.randn(1, 4, 8, 8)), "latents"),
+        (dict(latents=torch.randn(1, 3, 16, 16)), "latents"),
+        (dict(latents=torch.full((1, 4, 16, 16), float("nan"))), "latents.*NaN"),
+        (dict(image=torch.rand(1, 3, 1, 1)), "image"),
+        (dict(image=[torch.rand(3, 32, 32), torch.rand(3, 16, 16)]), "different sizes"),
+        (dict(image=[]), "image"),
+        (dict(image=torch.full((1, 3, 32, 32), float("nan"))), "image.*NaN"),
+        (dict(image="cat.png"), "image"),
+        (dict(image=torch.rand(1, 3, 32, 32), strength=float("nan")), "strength"),
+        (dict(gamma=float("nan")), "gamma"),
+    ],
+)
+def test_bad_values_are_named_before_anything_runs(sd1_pipe, kwargs, match):
+    kwargs = {"prompt": PROMPT, "num_inference_steps": 1, **SIZE, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sd1_pipe(**kwargs)
+
+
+def test_rgba_image_is_read_as_pixels_not_latents(sd1_pipe):
+    """A 32x32 RGBA PIL image has 4 channels like latents: it is composited over white and VAE-encoded, so the
+    output keeps the image's size (it used to be taken for latents and give 64x64)."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 4), dtype=np.uint8), "RGBA")
+    out = sd1_pipe(PROMPT, image=rgba, strength=0.5, num_inference_steps=1, generator=gen()).images[0]
+    assert out.size == (32, 32)
+    composited = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    ref = sd1_pipe(PROMPT, image=composited, strength=0.5, num_inference_steps=1, generator=gen(),
+                   output_type="np").images
+    got = sd1_pipe(PROMPT, image=rgba, strength=0.5, num_inference_steps=1, generator=gen(), output_type="np").images
+    assert np.array_equal(got, ref)
+
+
+def _stock_pipelines():
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    image = torch.rand(1, 3, 32, 32, generator=gen(5))
+    mask = (torch.rand(1, 1, 32, 32, generator=gen(6)) > 0.5).float()
+    sd = {k: v for k, v in tiny_sd_components("sd1").items() if k != "image_encoder"}
+    sdxl = {k: v for k, v in tiny_sd_components("sdxl").items() if k != "image_encoder"}
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd["unet"], conditioning_embedding_out_channels=(16, 32))
+    return [
+        ("sdxl", StableDiffusionXLPipeline, sdxl, {}),
+        ("sdxl img2img", StableDiffusionXLImg2ImgPipeline, sdxl, {"image": image, "strength": 0.6}),
+        ("img2img", StableDiffusionImg2ImgPipeline, sd, {"image": image, "strength": 0.6}),
+        ("inpaint", StableDiffusionInpaintPipeline, sd, {"image": image, "mask_image": mask, "strength": 0.9}),
+        ("controlnet", StableDiffusionControlNetPipeline, {**sd, "controlnet": controlnet}, {"image": image}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_consistency_scheduler_in_stock_pipelines_gives_lcm_scheduler_images(index):
+    """ConsistencyScheduler is a drop-in for LCMScheduler in stock SDXL, img2img, inpaint and ControlNet pipelines:
+    the same images for the same components and seed."""
+    name, cls, components, extra = _stock_pipelines()[index]
+    images = []
+    for scheduler_class in (LCMScheduler, ConsistencyScheduler):
+        kwargs = {"requires_safety_checker": False} if "sdxl" not in name else {}
+        pipe = cls(**{**components, "scheduler": scheduler_class.from_config(components["scheduler"].config)},
+                   **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, generator=gen(), output_type="pt",
+                           **SIZE, **extra).images)
+    assert torch.isfinite(images[0]).all()
+    assert max_diff(images[0], images[1]) == 0.0, name
+
+
+def test_a_tcd_folder_keeps_tcd_sampling_and_matches_the_stock_tcd_pipeline(sd1, tmp_path):
+    """A folder with diffusers' TCDScheduler (a TCD-LoRA setup) becomes the exact TrajectoryConsistencyScheduler in
+    LCMPipeline: the same images as stock StableDiffusionPipeline + TCDScheduler at the same eta; saved, it is a
+    TCDScheduler folder again."""
+    from diffusers import TCDScheduler
+
+    from lcm_kit.schedulers import TrajectoryConsistencyScheduler
+
+    tcd = TCDScheduler.from_config(sd1["scheduler"].config)
+    ours = lcm_pipe({**sd1, "scheduler": tcd})
+    assert type(ours.scheduler) is TrajectoryConsistencyScheduler
+    stock = StableDiffusionPipeline(**{**sd1, "scheduler": TCDScheduler.from_config(sd1["scheduler"].config)},
+                                    requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    for eta in (0.0, 0.3, 1.0):
+        a = stock(PROMPT, num_inference_steps=4, guidance_scale=1.0, eta=eta, generator=gen(), output_type="latent",
+                  **SIZE).images
+        b = ours(PROMPT, num_inference_steps=4, gamma=eta, generator=gen(), output_type="latent", **SIZE).images
+        assert max_diff(a, b) <= TOL, eta
+    ours.save_pretrained(tmp_path / "tcd")
+    assert json.loads((tmp_path / "tcd" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == (
+        "TCDScheduler")
+    assert type(LCMPipeline.from_pretrained(tmp_path / "tcd").scheduler) is TrajectoryConsistencyScheduler

@@ -1,4 +1,5 @@
-"""ConsistencyScheduler: exact parity with diffusers' LCMScheduler, gamma (TCD-style) behaviour, input checks."""
+"""ConsistencyScheduler: exact parity with diffusers' LCMScheduler, gamma (TCD-style) behaviour, input checks;
+TrajectoryConsistencyScheduler: exact parity with diffusers' TCDScheduler; both on a non-CPU (meta) device."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, TCDScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcm_kit.consistency import dynamic_threshold
-from lcm_kit.schedulers import ConsistencyScheduler, ConsistencySchedulerOutput
+from lcm_kit.schedulers import (
+    ConsistencyScheduler,
+    ConsistencySchedulerOutput,
+    TrajectoryConsistencyScheduler,
+    TrajectoryConsistencySchedulerOutput,
+)
+from lcm_kit.testing import tiny_pipeline
 
 SHAPE = (2, 4, 8, 8)
 ATOL = 1e-6
@@ -394,7 +402,6 @@ def test_set_timesteps_rejects_non_int_steps():
         ({"beta_schedule": "cosine"}, r"`beta_schedule` must be one of \['linear', 'scaled_linear', 'squaredcos_cap_v2'\]"),
         ({"timestep_spacing": "uniform"}, r"`timestep_spacing` must be one of \['leading', 'trailing', 'linspace'\]"),
         ({"original_inference_steps": 0}, r"`original_inference_steps` must be in \[1, 1000\]"),
-        ({"trained_betas": [0.1, 0.2]}, r"`trained_betas` must hold num_train_timesteps=1000 values"),
     ],
 )
 def test_constructor_rejects_bad_config(kwargs, match):
@@ -416,3 +423,275 @@ def test_step_rejects_bad_use():
     scheduler.step(x, 499, x)
     with pytest.raises(ValueError, match=r"schedule has 2 timesteps; call `set_timesteps"):
         scheduler.step(x, 499, x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trained_betas of any length (as LCMScheduler / TCDScheduler accept them)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [ConsistencyScheduler, TrajectoryConsistencyScheduler])
+def test_trained_betas_of_any_length_are_accepted_and_checked_where_used(cls, tmp_path):
+    short = cls(trained_betas=np.array([0.1, 0.3]))
+    assert short.betas.tolist() == LCMScheduler(trained_betas=np.array([0.1, 0.3])).betas.tolist()
+    short.save_pretrained(tmp_path)
+    assert cls.from_pretrained(tmp_path).betas.tolist() == short.betas.tolist()
+    # 2 betas cannot serve timestep 999: said at set_timesteps, not as an IndexError part-way through sampling.
+    with pytest.raises(ValueError, match=r"`trained_betas` holds 2 betas, but the schedule .* timesteps up to 999"):
+        short.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"`trained_betas` holds 2 betas"):
+        short.set_timesteps(timesteps=[5, 1])
+    # Shorter and longer than num_train_timesteps, every sample equals the diffusers scheduler's.
+    reference = LCMScheduler if cls is ConsistencyScheduler else TCDScheduler
+    for config, kwargs in [
+        ({"num_train_timesteps": 2, "original_inference_steps": 2, "trained_betas": [0.1, 0.3]},
+         {"num_inference_steps": 2}),
+        ({"trained_betas": np.linspace(1e-4, 2e-2, 1200)}, {"num_inference_steps": 4}),
+        ({"trained_betas": np.linspace(1e-4, 2e-2, 400)}, {"timesteps": [399, 199, 99]}),
+    ]:
+        ours_t, ours = _rollout(cls(**config), kwargs)
+        ref_t, ref = _rollout(reference(**config), kwargs) if cls is ConsistencyScheduler else _tcd_rollout(
+            reference(**config), kwargs, 0.3)
+        assert torch.equal(ours_t, ref_t) and len(ours) == len(ref)
+        for (prev, den), (ref_prev, ref_den) in zip(ours, ref):
+            _assert_close(prev, ref_prev)
+            _assert_close(den, ref_den)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TrajectoryConsistencyScheduler: exactly TCDScheduler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tcd_rollout(scheduler, set_timesteps_kwargs, eta, seed=0):
+    """`_rollout` through TCDScheduler's step signature (`eta` 4th); the noise generator's final state is left in
+    `scheduler._test_noise_state` for the random-draw check."""
+    scheduler.set_timesteps(**set_timesteps_kwargs)
+    data_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1000)
+    sample = torch.randn(SHAPE, generator=data_gen)
+    outputs = []
+    for t in scheduler.timesteps:
+        model_output = 0.3 * sample + torch.randn(SHAPE, generator=data_gen)
+        out = scheduler.step(model_output, t, sample, eta, noise_gen)  # positional, as TCDScheduler's tests call it
+        outputs.append((out.prev_sample, out.pred_noised_sample))
+        sample = out.prev_sample
+    scheduler._test_noise_state = noise_gen.get_state()
+    return scheduler.timesteps.clone(), outputs
+
+
+TCD_CONFIGS = {
+    "default": {},
+    "v_prediction": {"prediction_type": "v_prediction"},
+    "sample": {"prediction_type": "sample"},
+    "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "zero_snr_v": {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+    "original_25": {"original_inference_steps": 25},
+    "train_500_cosine": {"num_train_timesteps": 500, "beta_schedule": "squaredcos_cap_v2"},
+    "sdxl_euler_config": dict(EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1).config),
+}
+TCD_SCHEDULES = (
+    [{"num_inference_steps": n} for n in range(1, 9)]
+    + [{"num_inference_steps": n, "strength": s} for n in (1, 2, 4) for s in (0.3, 0.5, 0.99)]
+    + [{"timesteps": ts} for ts in ([999], [999, 499], [999, 759, 499, 259], [999, 500, 20], [100, 87, 50, 1, 0])]
+    # t_prev where float32 (TCDScheduler's tensor math) and float64 floor((1 - 0.3) t_prev) differ: 700, 340, 90.
+    + [{"timesteps": [999, 700, 340, 90, 0]}]
+    + [{"timesteps": [999, 879, 759, 639, 499, 379, 259, 139], "strength": s} for s in (0.5, 0.75)]
+    # An explicit original_inference_steps argument: TCDScheduler then picks from every training timestep.
+    + [{"num_inference_steps": 4, "original_inference_steps": 50},
+       {"num_inference_steps": 3, "original_inference_steps": 20, "strength": 0.6}]
+)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("name", sorted(TCD_CONFIGS))
+def test_parity_with_tcd_scheduler(name, eta):
+    config = TCD_CONFIGS[name]
+    if name == "sdxl_euler_config":  # a pipeline's scheduler config, switched to TCD both ways
+        ref_scheduler = TCDScheduler.from_config(config)
+        ours = TrajectoryConsistencyScheduler.from_config(config)
+        config = {k: v for k, v in ours.config.items() if not k.startswith("_")}
+        config.pop("gamma")
+        assert all(ref_scheduler.config[k] == v for k, v in config.items())
+    for kwargs in TCD_SCHEDULES:
+        if config.get("num_train_timesteps", 1000) == 500 and "timesteps" in kwargs and kwargs["timesteps"][0] >= 500:
+            continue
+        ours_scheduler, ref_scheduler = TrajectoryConsistencyScheduler(**config), TCDScheduler(**config)
+        ours_t, ours = _tcd_rollout(ours_scheduler, kwargs, eta)
+        ref_t, ref = _tcd_rollout(ref_scheduler, kwargs, eta)
+        assert torch.equal(ours_t, ref_t), (kwargs, ours_t, ref_t)
+        assert len(ours) == len(ref) > 0
+        for (prev, den), (ref_prev, ref_den) in zip(ours, ref):
+            _assert_close(prev, ref_prev)
+            _assert_close(den, ref_den)
+        # The same random draws: the generator ends in the same state (a second loop would match too).
+        assert torch.equal(ours_scheduler._test_noise_state, ref_scheduler._test_noise_state), kwargs
+
+
+def test_tcd_mode_is_not_the_lcm_gamma_mix():
+    """What the exact mode fixes: lcm-kit's LCM-mode gamma ends at the clean x0 (and applies LCM's boundary
+    conditions); TCD ends at timestep 0 (alphas_cumprod[0]), so the two differ and only the TCD class matches."""
+    for eta in (0.0, 0.3, 1.0):
+        _, mix = _rollout(ConsistencyScheduler(gamma=eta), {"num_inference_steps": 4})
+        _, tcd = _tcd_rollout(TrajectoryConsistencyScheduler(), {"num_inference_steps": 4}, eta)
+        _, ref = _tcd_rollout(TCDScheduler(), {"num_inference_steps": 4}, eta)
+        assert (mix[-1][0] - ref[-1][0]).abs().max() > 1e-3
+        assert torch.equal(tcd[-1][0], ref[-1][0])
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd1"])
+def test_tcd_drop_in_in_a_stock_pipeline_keeps_the_images(kind):
+    """A TCD user swaps TCDScheduler for ours (from_config) and keeps calling the pipeline with `eta=`."""
+    pipe = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    images = []
+    for scheduler in (TCDScheduler.from_config(base_config), TrajectoryConsistencyScheduler.from_config(base_config)):
+        pipe.scheduler = scheduler
+        for eta in (0.3, 1.0):
+            out = pipe("a digit", num_inference_steps=4, guidance_scale=1.0, eta=eta, height=32, width=32,
+                       generator=torch.Generator().manual_seed(0), output_type="pt")
+            images.append(out.images)
+    for ref, ours in zip(images[:2], images[2:]):
+        assert torch.equal(ours, ref)
+    assert (images[0] - images[1]).abs().max() > 1e-3  # eta reached the scheduler
+
+
+def test_tcd_config_round_trips_and_output(tmp_path):
+    ref = TCDScheduler(prediction_type="v_prediction", original_inference_steps=25, timestep_scaling=5.0)
+    ours = TrajectoryConsistencyScheduler.from_config(ref.config)
+    assert isinstance(ours, TrajectoryConsistencyScheduler) and ours.config.gamma == 0.3  # TCDScheduler.step's eta
+    tcd_keys = [k for k in inspect.signature(TCDScheduler.__init__).parameters if k != "self"]
+    assert {k: ours.config[k] for k in tcd_keys} == {k: ref.config[k] for k in tcd_keys}
+    back = TCDScheduler.from_config(TrajectoryConsistencyScheduler(gamma=0.7, prediction_type="sample").config)
+    assert isinstance(back, TCDScheduler) and back.config.prediction_type == "sample"
+    assert "TCDScheduler" in TrajectoryConsistencyScheduler._compatibles
+    ours = TrajectoryConsistencyScheduler(gamma=0.7)
+    ours.save_pretrained(tmp_path)
+    assert TrajectoryConsistencyScheduler.from_pretrained(tmp_path).config.gamma == 0.7
+    # The output has TCD's fields; `denoised` (ConsistencySchedulerOutput's name) is the same tensor.
+    ours.set_timesteps(2)
+    x = torch.randn(SHAPE)
+    out = ours.step(torch.randn(SHAPE), ours.timesteps[0], x)
+    assert isinstance(out, TrajectoryConsistencySchedulerOutput) and out.denoised is out.pred_noised_sample
+    # gamma (lcm-kit's name, what LCMPipeline passes) is eta.
+    results = []
+    for kwargs in ({"eta": 0.5}, {"gamma": 0.5}):
+        ours.set_timesteps(2)
+        results.append(ours.step(torch.ones(SHAPE), 999, x, generator=torch.Generator().manual_seed(0), **kwargs))
+    assert torch.equal(results[0].prev_sample, results[1].prev_sample)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"eta": 1.5}, r"`eta` must be a number in \[0, 1\]"),
+    ({"eta": -0.1}, r"`eta` must be a number in \[0, 1\]"),
+    ({"eta": float("nan")}, r"`eta` must be a number in \[0, 1\] .*, got nan"),
+    ({"gamma": 2.0}, r"`gamma` must be a number in \[0, 1\]"),
+    ({"eta": 0.3, "gamma": 0.3}, r"Pass `eta` or `gamma` \(the same thing\), not both"),
+])
+def test_tcd_eta_out_of_range_is_a_clear_error(kwargs, match):
+    """TCDScheduler asserts (an AssertionError without the value); here a ValueError names the argument."""
+    scheduler = TrajectoryConsistencyScheduler()
+    scheduler.set_timesteps(2)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match=match):
+        scheduler.step(x, 999, x, **kwargs)
+    with pytest.raises(ValueError, match=r"`gamma` must be a number in \[0, 1\]"):
+        TrajectoryConsistencyScheduler(gamma=1.01)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every tensor on a non-CPU device (meta): no host sync, no host tensor copied in
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Records what a step would make an accelerator wait for: reads of a tensor's value (`.item()`, `int(t)`,
+    `bool(t)`: aten._local_scalar_dense), copies from the host to the device, and host tensors with more than one
+    element. 0-dim host scalars of the schedule (an `alphas_cumprod[t]` indexed by a host int) are allowed: they
+    reach a device kernel as a scalar argument, as in diffusers' schedulers."""
+
+    def __init__(self):
+        super().__init__()
+        self.violations = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.violations.append(f"{func}: reads a tensor value on the host")
+        out = func(*args, **kwargs)
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if any(i.device.type == "cpu" for i in inputs) and any(o.device.type != "cpu" for o in outputs) and (
+            func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+        ):
+            self.violations.append(f"{func}: copies a host tensor to the device")
+        for o in outputs:
+            if o.device.type == "cpu" and o.numel() > 1:
+                self.violations.append(f"{func}: makes a host tensor of shape {tuple(o.shape)}")
+        return out
+
+
+def _meta_loop(scheduler, timesteps, step_kwargs):
+    sample = torch.empty(SHAPE, device="meta")
+    outs = []
+    for t in timesteps:
+        model_output = torch.empty(SHAPE, device="meta")
+        with _HostTraffic() as traffic:
+            out = scheduler.step(model_output, t, sample, **step_kwargs)
+        assert traffic.violations == [], traffic.violations
+        assert out.prev_sample.device.type == "meta" and out.prev_sample.shape == SHAPE
+        outs.append(out)
+        sample = out.prev_sample
+    return outs
+
+
+@pytest.mark.parametrize("how", ["elements", "python_ints", "begin_index"])
+@pytest.mark.parametrize("make, step_kwargs", [
+    (lambda: ConsistencyScheduler(), {}),
+    (lambda: ConsistencyScheduler(gamma=0.5, prediction_type="v_prediction", thresholding=True), {}),
+    (lambda: ConsistencyScheduler(), {"gamma": 0.0}),
+    (lambda: TrajectoryConsistencyScheduler(), {}),
+    (lambda: TrajectoryConsistencyScheduler(prediction_type="sample"), {"eta": 1.0}),
+], ids=["lcm", "gamma_mix_v_threshold", "gamma_0", "tcd", "tcd_sample_eta1"])
+def test_step_runs_on_a_non_cpu_device_without_host_syncs(make, step_kwargs, how):
+    scheduler = make()
+    schedules = ({"num_inference_steps": 4}, {"timesteps": [999, 500, 20]}, {"num_inference_steps": 2, "strength": 0.5})
+    for set_kwargs in schedules:
+        scheduler.set_timesteps(device="meta", **set_kwargs)
+        assert scheduler.timesteps.device.type == "meta"
+        if how == "elements":  # a pipeline's `for t in scheduler.timesteps`
+            timesteps = list(scheduler.timesteps)
+        elif how == "python_ints":
+            timesteps = [int(t) for t in scheduler._host_timesteps]
+        else:  # a meta tensor that is not an element of the schedule: the pipeline sets the begin index
+            scheduler.set_begin_index(0)
+            timesteps = [torch.tensor(t, device="meta") for t in scheduler._host_timesteps]
+        outs = _meta_loop(scheduler, timesteps, step_kwargs)
+        assert len(outs) == len(scheduler.timesteps) and scheduler.step_index == len(outs)
+    # A meta timestep that is not an element of the schedule, without a begin index, has no value to look up.
+    scheduler.set_timesteps(device="meta", num_inference_steps=4)
+    other = torch.tensor(999, device="meta")
+    with pytest.raises(ValueError, match=r"`timestep` is a meta tensor .* call `set_begin_index` first"):
+        scheduler.step(torch.empty(SHAPE, device="meta"), other, torch.empty(SHAPE, device="meta"), **step_kwargs)
+
+
+def test_a_pipeline_style_loop_reads_no_device_value_on_cpu_either():
+    """The view lookup is exact: elements of `scheduler.timesteps` give the same steps as their values."""
+    for scheduler_cls, kwargs in ((ConsistencyScheduler, {}), (TrajectoryConsistencyScheduler, {"eta": 0.3})):
+        results = []
+        for as_ints in (False, True):
+            scheduler = scheduler_cls()
+            scheduler.set_timesteps(timesteps=[999, 759, 499, 259])
+            gen, sample, outs = torch.Generator().manual_seed(0), torch.ones(SHAPE), []
+            for i, t in enumerate(scheduler.timesteps):
+                assert scheduler.index_for_timestep(t) == i
+                timestep = int(t) if as_ints else t
+                with _HostTraffic() as traffic:
+                    out = scheduler.step(torch.full(SHAPE, 0.1 * i), timestep, sample, generator=gen, **kwargs)
+                assert not any("reads a tensor value" in v for v in traffic.violations)
+                outs.append(out.prev_sample)
+                sample = out.prev_sample
+            results.append(outs)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)

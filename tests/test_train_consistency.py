@@ -75,9 +75,10 @@ def test_ict_class_conditional_trains_saves_a_stock_pipeline_and_pushes(digits_f
     # The online and EMA weights differ (the EMA is the saved model), and both moved from the initialisation.
     online = UNet2DModel.from_pretrained(str(out / "unet_online"))
     assert any(not torch.equal(a, b) for a, b in zip(online.state_dict().values(), pipe.unet.state_dict().values()))
-    # Validation grid: 2 class-conditional images of 16 px.
-    grid = Image.open(result.validation_grids[-1])
-    assert grid.size == (32, 16)
+    # Validation grid: 2 class-conditional images of 16 px, each labelled with its class in a strip below.
+    grid = Image.open(result.validation_grids[-1]).convert("L")
+    assert grid.size == (32, 16 + 14)
+    assert min(grid.crop((0, 16, 32, 30)).getdata()) < 128  # the labels' text
     # Hub: repo created, folder uploaded with a card, no token anywhere.
     assert hub.calls[0] == ("create_repo", "me/ict-digits")
     assert {"unet", "scheduler", "model_index.json", "README.md"} <= set(hub.calls[1][2])

@@ -85,12 +85,13 @@ def test_lora_run_end_to_end(kit, tmp_path, capfd, train_argv, reset_accelerate,
     kohya.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
     np.testing.assert_allclose(_images(kohya), stock_images, atol=1e-4)
 
-    # validation grids: one row of the two 32px images, at steps 2 and 4
+    # validation grids: one row of the two 32px images, at steps 2 and 4, each with its prompt in a strip below
     grids = sorted((out / "validation").glob("*.png"))
     assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
-    assert Image.open(grids[-1]).size == (64, 32)
-    np.testing.assert_allclose(np.asarray(Image.open(grids[-1])) / 255.0,
+    assert Image.open(grids[-1]).size == (64, 32 + 14)
+    np.testing.assert_allclose(np.asarray(Image.open(grids[-1]))[:32] / 255.0,
                                np.concatenate(list(trained_pipe_images(result)), axis=1), atol=1.5 / 255)
+    assert np.asarray(Image.open(grids[-1]).convert("L"))[32:].min() < 128  # the prompts' text
     # tensorboard got the loss and lr at every step and the validation images
     events = [p for p in (out / "logs").rglob("events.out.tfevents.*")]
     accumulator = EventAccumulator(str(events[0].parent)).Reload()
@@ -168,7 +169,7 @@ def test_full_run_saves_the_ema_target_loadable_by_stock_and_lcm_pipelines(kit, 
 
 
 def _run_script(script, argv, env_extra=None, **kwargs):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", hub_tokenIZERS_PARALLELISM="false",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, str(REPO / "train_scripts" / script), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)

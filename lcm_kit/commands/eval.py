@@ -4,6 +4,8 @@
     lcm-kit eval --scheduler ddim --steps 1 2 4 --guidance_scale 3
     lcm-kit eval --lora out/lcm-lora --scheduler lcm --steps 1 2 4 --guidance_scale 1 --json metrics.json
 
+--lora is loaded strictly: safetensors files only (never unpickled), every tensor applied or an error.
+
 Every combination of ``--scheduler`` x ``--steps`` x ``--guidance_scale`` is one row of the printed table.
 """
 
@@ -20,8 +22,11 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from .. import digits
+from ..argtypes import MAX_SEED, CommandParser, device_name, float_range, int_range
 from ..eval.metrics import SCHEDULERS, evaluate_pipeline, format_table, load_classifier
+from ..lora import load_lora_weights_strict
 from ..utils import DTYPES, dtype_kwarg, resolve_device, resolve_dtype
+from .generate import model_load_error
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +35,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "eval",
         help="prompt accuracy and Fréchet distance of a digits pipeline",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(p)
     p.set_defaults(func=run_eval, parser=p)
@@ -38,20 +42,25 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers folder (default: the shipped digits teacher)")
-    p.add_argument("--lora", default=None, help="LoRA file or folder loaded with pipe.load_lora_weights")
+    p.add_argument("--model", default=None, help="diffusers folder; without it the shipped digits teacher")
+    p.add_argument("--lora", default=None,
+                   help="LoRA .safetensors file or folder, loaded strictly (lcm_kit.lora.load_lora_weights_strict: "
+                        "safetensors only, every tensor applied)")
     p.add_argument("--scheduler", nargs="+", default=["dpmsolver"], choices=SCHEDULERS,
                    help="dpmsolver; ddim (timestep_spacing='trailing'); lcm (diffusers LCMScheduler); "
                         "consistency (lcm-kit ConsistencyScheduler); default (the folder's own)")
-    p.add_argument("--steps", nargs="+", type=int, default=[25], help="num_inference_steps values")
-    p.add_argument("--guidance_scale", nargs="+", type=float, default=[3.0], help="guidance values")
-    p.add_argument("--num_per_digit", type=int, default=20, help="samples per digit (10 digits)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses noise seed seed + i")
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--classifier", default=None, help="classifier folder (default: the shipped one)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--steps", nargs="+", type=int_range(1), default=[25], help="num_inference_steps values")
+    p.add_argument("--guidance_scale", nargs="+", type=float_range(0.0, low_inclusive=False), default=[3.0],
+                   help="guidance values")
+    p.add_argument("--num_per_digit", type=int_range(2), default=20,
+                   help="samples per digit (10 digits; FD needs at least 2)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="image i uses noise seed seed + i")
+    p.add_argument("--batch_size", type=int_range(1), default=100, help="images per pipeline call")
+    p.add_argument("--classifier", default=None, help="classifier folder; without it the shipped one")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, float32 otherwise")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (its folder must exist)")
     p.add_argument("--standard_metrics", action="store_true",
                    help="also FID / CLIP score via torchmetrics when installed and its weights are local "
                         "(otherwise skipped with the reason)")
@@ -68,23 +77,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("steps", "guidance_scale"):
-        values = getattr(args, name)
-        if any(v <= 0 for v in values):
-            raise ValueError(f"--{name} values must be > 0, got {values!r}.")
-    if args.num_per_digit < 2:
-        raise ValueError(f"--num_per_digit must be >= 2 (FD needs a covariance), got {args.num_per_digit!r}.")
-    model = Path(args.model) if args.model else digits.teacher_path()
+    model = Path(args.model).expanduser() if args.model else digits.teacher_path()
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"--model {str(model)!r}: not a diffusers folder (no model_index.json).")
+    if args.classifier is not None and not Path(args.classifier).expanduser().is_dir():
+        raise FileNotFoundError(f"--classifier {args.classifier!r}: no such folder.")
+    if args.json is not None:  # checked before the evaluation, not after it
+        json_file = Path(args.json).expanduser()
+        if json_file.is_dir() or not json_file.parent.is_dir():
+            raise ValueError(f"--json {args.json!r}: must be a file in an existing folder.")
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     # The stock pipeline runs every sampler: real CFG for teacher rows, LCMScheduler/ConsistencyScheduler steps
     # for consistency rows, and the w-embedding of a fully distilled UNet (time_cond_proj_dim) when present.
-    pipe = StableDiffusionPipeline.from_pretrained(model, **{dtype_kwarg(): dtype})
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
+    # use_safetensors=True: diffusers would otherwise fall back to unpickling *.bin weights.
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True, **{dtype_kwarg(): dtype})
+    except (OSError, ValueError) as error:
+        raise OSError(model_load_error("model", str(model), error)) from error
+    if args.lora is not None:
+        try:
+            load_lora_weights_strict(pipe, args.lora)
+        except ValueError as error:
+            raise ValueError(f"--lora {args.lora!r}: {error}") from error
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(args.classifier, device=device)
@@ -92,7 +108,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     rows = []
     combos = list(itertools.product(args.scheduler, args.steps, args.guidance_scale))
     for scheduler, steps, guidance in tqdm(combos, desc="eval rows", dynamic_ncols=True):
-        name = f"{scheduler}{' + LoRA' if args.lora else ''}"
+        name = f"{scheduler}{' + LoRA' if args.lora is not None else ''}"
         rows.append(
             evaluate_pipeline(
                 pipe, scheduler, steps, guidance, num_per_digit=args.num_per_digit, seed=args.seed, name=name,
@@ -118,8 +134,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def eval_main(argv=None) -> int:
     """``lcm-kit eval`` as a function (``argv`` without the subcommand name)."""
-    parser = argparse.ArgumentParser(prog="lcm-kit eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="lcm-kit eval", description=__doc__)
     _add_arguments(parser)
     return run_eval(parser.parse_args(argv))
 

@@ -1,8 +1,6 @@
-"""``lcm-kit generate``: few-step text-to-image with an LCM or an LCM-LoRA, saved as a PNG (a grid if several).
+"""``lcm-kit generate``: few-step text-to-image with an LCM or an LCM-LoRA, saved as a PNG (a grid if several);
+see :data:`DESCRIPTION`. ``--lora`` is loaded by :func:`lcm_kit.lora.load_lora_weights_strict`.
 
-    lcm-kit generate --model tiny-sd1 --prompt "a red cube" --output cube.png
-    lcm-kit generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --lora latent-consistency/lcm-lora-sdv1-5 --prompt "a photo of a cat" --output cat.png
 """
 
 from __future__ import annotations
@@ -14,19 +12,41 @@ from pathlib import Path
 import torch
 from diffusers.utils import make_image_grid
 
+from .. import digits
+from ..argtypes import MAX_SEED, device_name, float_range, int_range
+from ..lora import load_lora_weights_strict
 from ..pipelines import LCMPipeline
 from ..testing import tiny_sd_components
 from ..utils import DTYPES, dtype_kwarg, resolve_device, resolve_dtype
 
 TINY_MODELS = ("tiny-sd1",)  # built offline from lcm_kit.testing; run anywhere, produce noise-like images
+MAX_SIDE = 8192  # pixels; far beyond any SD 1.x / 2.x model, small enough that a typo fails here, not in malloc
+
+DESCRIPTION = """\
+Generate images in a few steps with LCMPipeline and save them as a PNG (a grid if several).
+
+    lcm-kit generate --prompt "a handwritten 7" --output seven.png              # the shipped digits teacher
+    lcm-kit generate --lora lcm-quickstart/lcm-lora --prompt "a handwritten 7"  # ... with a distilled LCM-LoRA
+    lcm-kit generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --lora latent-consistency/lcm-lora-sdv1-5 --prompt "a photo of a cat" --output cat.png
+
+--lora is loaded strictly: safetensors files only (a pickled .bin / .pt / .ckpt is refused, never unpickled), and
+every tensor is applied, or the command stops with an error naming the file and what is wrong with it.
+"""
 
 
-def load_pipeline(model: str, lora: str | None = None, device: str | None = None, dtype=None):
-    """An ``LCMPipeline`` from ``model`` (a local diffusers folder, a Hub id, or ``"tiny-sd1"`` for the offline
-    tiny kit), with the LoRA ``lora`` (a file, folder or Hub id) loaded by ``pipe.load_lora_weights``.
+# ----------------------------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------------------------
 
-    Raises ``FileNotFoundError`` for a missing local path and ``OSError`` naming the model/LoRA when it cannot be
-    loaded (e.g. a Hub id while offline)."""
+
+def load_pipeline(model: str | None = None, lora: str | None = None, device: str | None = None, dtype=None):
+    """An ``LCMPipeline`` from ``model`` (a local diffusers folder, a Hub id, ``None`` for the shipped digits teacher,
+    or ``"tiny-sd1"`` for the offline tiny kit), with the LoRA ``lora`` (a file, folder or Hub id) loaded by
+    :func:`lcm_kit.lora.load_lora_weights_strict` (safetensors only; every tensor applied or a ValueError).
+
+    Raises ``FileNotFoundError`` for a missing local path, ``OSError`` naming the model when it cannot be loaded
+    (e.g. a Hub id while offline) and ``ValueError`` naming the LoRA file and what is wrong with it."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if model in TINY_MODELS:
@@ -34,21 +54,35 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
         if dtype != torch.float32:  # the kit builds float32
             pipe.to(dtype=dtype)
     else:
+        model = str(digits.teacher_path()) if model is None else model
         _check_local_path("model", model)
         try:
-            pipe = LCMPipeline.from_pretrained(model, **{dtype_kwarg(): dtype})
+            # use_safetensors=True: diffusers would otherwise fall back to unpickling *.bin weights.
+            pipe = LCMPipeline.from_pretrained(model, use_safetensors=True, **{dtype_kwarg(): dtype})
         except (OSError, ValueError) as err:
-            raise OSError(
-                f"Cannot load model {model!r}: not a diffusers folder here and not reachable on the Hugging Face "
-                f"Hub ({type(err).__name__}: {err}). Offline? Use a local folder or --model tiny-sd1."
-            ) from err
+            raise OSError(model_load_error("model", model, err)) from err
     if lora is not None:
         _check_local_path("lora", lora)
         try:
-            pipe.load_lora_weights(lora)
-        except (OSError, ValueError) as err:
-            raise OSError(f"Cannot load LoRA {lora!r} ({type(err).__name__}: {err}).") from err
+            load_lora_weights_strict(pipe, lora)
+        except ValueError as err:
+            raise ValueError(f"--lora {lora!r}: {err}") from err
     return pipe.to(device)
+
+
+def model_load_error(flag: str, model: str, err: Exception) -> str:
+    """The message for a ``from_pretrained(model, use_safetensors=True)`` that failed: pickled weights, another
+    local problem, or a Hub id that cannot be reached."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        pickled = sorted(str(p.relative_to(folder)) for p in folder.glob("*/*") if p.suffix in (".bin", ".pt", ".ckpt"))
+        if pickled:
+            return (f"--{flag} {model!r} holds pickled weights {pickled[:4]}: lcm-kit loads safetensors weights only "
+                    "and never unpickles a file (unpickling can run code). If you trust the folder, convert it once: "
+                    "DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder) writes safetensors.")
+        return f"Cannot load model folder {model!r} ({type(err).__name__}: {err})."
+    return (f"Cannot load model {model!r}: not a diffusers folder here and not reachable on the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). Offline? Use a local folder or leave out --{flag}.")
 
 
 def image_grid(images):
@@ -71,25 +105,36 @@ def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="few-step text-to-image with an LCM or an LCM-LoRA",
-        description="Generate images in a few steps with LCMPipeline and save them as a PNG (a grid if several).",
+        description=DESCRIPTION,
     )
-    p.add_argument("--model", default="tiny-sd1", help="diffusers folder, Hub id, or 'tiny-sd1' (offline tiny kit)")
-    p.add_argument("--lora", default=None, help="LoRA file, folder or Hub id (e.g. latent-consistency/lcm-lora-sdv1-5)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative_prompt", default=None, help="only used with --guidance_scale > 1 on an LCM-LoRA")
-    p.add_argument("--num_inference_steps", type=int, default=4)
+    p.add_argument("--model", default=None,
+                   help="diffusers folder or Hub id (an SD 1.x / 2.x model, or a distilled LCM); without it the "
+                        "shipped digits teacher (lcm_kit.digits.teacher_path(), 32x32, prompts like 'a handwritten "
+                        "7'); 'tiny-sd1' is a random offline test model that draws noise")
+    p.add_argument("--lora", default=None,
+                   help="LCM-LoRA .safetensors file, folder holding pytorch_lora_weights.safetensors, or Hub id "
+                        "(e.g. latent-consistency/lcm-lora-sdv1-5), loaded strictly: safetensors only, every tensor "
+                        "applied")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative_prompt", default=None,
+                   help="only with --guidance_scale > 1 on an LCM-LoRA (real CFG); an error otherwise")
+    p.add_argument("--num_inference_steps", type=int_range(1), default=4, help="denoising steps")
     p.add_argument(
         "--guidance_scale",
-        type=float,
+        type=float_range(0.0),
         default=None,
-        help="LCM-LoRA: 1.0 (default, no CFG) to 2.0; distilled LCM: its distillation w + 1 (default 8.5)",
+        help="without it: 1.0 for an SD model with an LCM-LoRA (no CFG; up to 2.0 is useful), 8.5 for a distilled "
+             "LCM (its w + 1)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--num_images", type=int, default=1, help="images per prompt; several are saved as a grid")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="seed of the CPU noise generator")
+    p.add_argument("--height", type=int_range(8, MAX_SIDE, multiple_of=8), default=None,
+                   help="pixels, a multiple of 8; without it the model's native size")
+    p.add_argument("--width", type=int_range(8, MAX_SIDE, multiple_of=8), default=None,
+                   help="pixels, a multiple of 8; without it the model's native size")
+    p.add_argument("--num_images", type=int_range(1), default=1, help="images per prompt; several are saved as a grid")
     p.add_argument("--output", default="lcm.png", help="PNG path; its folder must exist")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, float32 otherwise")
     p.set_defaults(func=run_generate, parser=p)
 
@@ -100,8 +145,6 @@ def run_generate(args: argparse.Namespace) -> int:
         args.parser.error(f"--output must be a .png file, got {args.output!r}.")
     if not output.parent.is_dir():
         args.parser.error(f"--output {args.output!r}: folder {str(output.parent)!r} does not exist.")
-    if args.num_images < 1:
-        args.parser.error(f"--num_images must be >= 1, got {args.num_images}.")
 
     try:
         pipe = load_pipeline(args.model, args.lora, args.device, args.dtype)

@@ -35,6 +35,7 @@ import transformers
 from accelerate.state import AcceleratorState, GradientState
 
 from .. import __version__, digits
+from ..argtypes import MAX_SEED, device_name, float_range, int_range
 from ..eval import format_table, load_classifier, real_floor
 from ..eval.protocol import DEFAULT_GUIDANCE, GRID_COLUMNS, GRID_LABEL_WIDTH, evaluate_protocol, row_label
 from ..training import train_lcm, train_lcm_lora
@@ -289,23 +290,23 @@ def add_quickstart_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="lcm-quickstart", help="output folder (created)")
-    p.add_argument("--seed", type=int, default=0, help="seeds training and evaluation")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="seeds training and evaluation")
+    p.add_argument("--guidance", type=float_range(1.0), default=DEFAULT_GUIDANCE,
                    help="teacher CFG the LoRA is distilled for and every row is compared at (LCM w = guidance - 1)")
-    p.add_argument("--max_train_steps", type=int, default=None,
+    p.add_argument("--max_train_steps", type=int_range(1), default=None,
                    help=f"distillation steps (default {LORA_RECIPE['max_train_steps']}, the tuned recipe)")
-    p.add_argument("--num_per_digit", type=int, default=20, help="samples per digit in every evaluated row")
+    p.add_argument("--num_per_digit", type=int_range(2), default=20, help="samples per digit in every evaluated row")
     p.add_argument("--full", action="store_true", help="also distill and evaluate a full-weight LCM (train_lcm.py)")
-    p.add_argument("--full_max_train_steps", type=int, default=None,
+    p.add_argument("--full_max_train_steps", type=int_range(1), default=None,
                    help=f"steps of the full LCM (default {FULL_RECIPE['max_train_steps']})")
     p.add_argument("--train_args", default="",
                    help="extra train_lcm_lora.py flags, e.g. \"--learning_rate 1e-4 --solver heun\" (override the recipe)")
     p.add_argument("--launcher", default="accelerate", choices=LAUNCHERS,
                    help="accelerate: `accelerate launch -m lcm_kit.training.train_lcm_lora` (default); inprocess: "
                         "the same entry point in this process")
-    p.add_argument("--num_threads", type=int, default=1,
+    p.add_argument("--num_threads", type=int_range(1), default=1,
                    help="CPU threads (default 1: this model is tiny, and more threads only contend on small CPUs)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     p.set_defaults(func=run_quickstart_command, parser=p)
     return p
 

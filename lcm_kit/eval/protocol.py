@@ -18,6 +18,7 @@ from diffusers.utils import numpy_to_pil
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from ..lora import load_lora_weights_strict
 from ..utils import dtype_kwarg, resolve_device, resolve_dtype
 from .metrics import evaluate_pipeline, load_classifier
 
@@ -103,7 +104,8 @@ def evaluate_protocol(
 ):
     """Score every protocol row (:func:`protocol_rows`); the LoRA rows need ``lora_dir``, the full-LCM rows
     ``full_dir`` (a ``train_lcm.py`` output folder with ``unet/``). The LoRA is loaded with
-    ``pipe.load_lora_weights`` into a stock ``StableDiffusionPipeline`` of the teacher. Returns ``(rows, grid)``."""
+    ``lcm_kit.lora.load_lora_weights_strict`` (diffusers' loader, every tensor verified) into a stock
+    ``StableDiffusionPipeline`` of the teacher. Returns ``(rows, grid)``."""
     device = resolve_device(device)
     dtype = resolve_dtype("auto", device)
     pipe = StableDiffusionPipeline.from_pretrained(str(teacher), **{dtype_kwarg(): dtype}).to(device)
@@ -117,7 +119,7 @@ def evaluate_protocol(
     for spec in tqdm(plan, desc="evaluating samplers", dynamic_ncols=True):
         target = pipe
         if spec["model"] == "lora" and not lora_loaded:
-            pipe.load_lora_weights(str(lora_dir))
+            load_lora_weights_strict(pipe, lora_dir, low_cpu_mem_usage=True)  # the figures' loader settings
             lora_loaded = True
         if spec["model"] == "full":
             if full_pipe is None:

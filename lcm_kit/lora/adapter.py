@@ -38,7 +38,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..utils import unwrap_model
 
@@ -231,35 +231,111 @@ def save_lora_weights(
 # ----------------------------------------------------------------------------------------------------------
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Suffixes of pickled PyTorch files, which lcm-kit refuses to read (unpickling a file can run code)."""
+
+
+def pickle_refusal(what: str) -> str:
+    """The message for a pickled weight file: lcm-kit reads safetensors only, and how to convert one."""
+    return (
+        f"{what}: lcm-kit reads LoRA weights from safetensors files only and never unpickles a file (unpickling "
+        "can run arbitrary code). Convert it once, only if you trust where it came from: python -c \"import torch; "
+        "from safetensors.torch import save_file; "
+        "save_file(torch.load('pytorch_lora_weights.bin', weights_only=True), 'pytorch_lora_weights.safetensors')\""
+    )
+
+
 def read_lora_file(file: Path) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of a ``.safetensors`` LoRA file (never a pickle)."""
+    """``(tensors, metadata)`` of a ``.safetensors`` LoRA file (never a pickle); ValueError naming the file when it is
+    pickled, missing, empty, truncated or not safetensors at all."""
 
     file = Path(file)
-    if file.suffix != ".safetensors" or not file.is_file():
-        raise ValueError(f"expected an existing '.safetensors' LoRA file (safetensors only), got {str(file)!r}.")
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(pickle_refusal(f"LoRA file {str(file)!r} is a pickled PyTorch file"))
+    if file.suffix != ".safetensors":
+        raise ValueError(f"LoRA file {str(file)!r}: expected a '.safetensors' file (safetensors only).")
+    if not file.is_file():
+        raise ValueError(f"LoRA file {str(file)!r} does not exist.")
+    if file.stat().st_size == 0:
+        raise ValueError(f"LoRA file {str(file)!r} is empty (0 bytes): an interrupted download or copy?")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except SafetensorError as error:
+        with open(file, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive ("PK"), older torch and pickle.dump a pickle (protocol byte 0x80).
+        if head == b"PK" or head[:1] == b"\x80":
+            what = f"LoRA file {str(file)!r} is a pickled PyTorch file named .safetensors"
+            raise ValueError(pickle_refusal(what)) from error
+        raise ValueError(
+            f"LoRA file {str(file)!r} ({file.stat().st_size} bytes) is not a readable safetensors file: {error}. It is "
+            "truncated (an interrupted download or copy?) or not a safetensors file at all."
+        ) from error
 
 
-def adapter_configs(file_metadata: dict) -> dict:
+def adapter_configs(file_metadata: dict, source: str = "?") -> dict:
     """Per component, the ``LoraConfig`` stored in a file's ``lora_adapter_metadata`` (diffusers' layout:
-    one JSON object whose keys are prefixed with the component name)."""
+    one JSON object whose keys are prefixed with the component name). ValueError naming the file (``source``) and
+    the field for metadata that is not JSON or holds a rank / alpha that is not a positive finite number."""
 
     raw = file_metadata.get(LORA_ADAPTER_METADATA_KEY)
-    if not raw:
+    if not raw:  # diffusers' reading: an empty entry is no metadata
         return {}
-    flat = json.loads(raw)
+    where = f"LoRA file {source!r}: metadata '{LORA_ADAPTER_METADATA_KEY}'"
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error}): {raw[:80]!r}") from error
+    if not isinstance(flat, dict):
+        raise ValueError(f"{where} must be a JSON object of '<component>.<field>' keys, got {type(flat).__name__}.")
     unprefixed = sorted(k for k in flat if "." not in k)
     if unprefixed:
         raise ValueError(
-            f"'{LORA_ADAPTER_METADATA_KEY}' has keys without a component prefix {unprefixed[:6]}; diffusers' "
+            f"{where} has keys without a component prefix {unprefixed[:6]}; diffusers' "
             "load_lora_weights only reads '<component>.<field>' keys (e.g. 'unet.lora_alpha') and would drop alpha."
         )
     per_component: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field_name = key.partition(".")
         per_component.setdefault(component, {})[field_name] = value
-    return {component: LoraConfig(**kwargs) for component, kwargs in per_component.items()}
+    configs = {}
+    for component, kwargs in per_component.items():
+        if "lora_alpha" not in kwargs:
+            raise ValueError(f"{where} has no '{component}.lora_alpha'; peft would use its default alpha 8.")
+        _check_number(where, f"{component}.r", kwargs.get("r", 8), integer=True)
+        _check_number(where, f"{component}.lora_alpha", kwargs["lora_alpha"])
+        for pattern, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            values = kwargs.get(pattern) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{where}: '{component}.{pattern}' must be an object, got {values!r}.")
+            for module, value in values.items():
+                _check_number(where, f"{component}.{pattern}[{module!r}]", value, integer=integer)
+        try:
+            configs[component] = LoraConfig(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{where}: the '{component}.' fields are not a valid peft LoraConfig ({error})."
+            ) from error
+    return configs
+
+
+def _check_number(where: str, name: str, value, integer: bool = False) -> None:
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: '{name}' must be an integer >= 1, got {value!r}.")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        kind = f" (a JSON {type(value).__name__})" if not isinstance(value, (int, float)) else ""
+        raise ValueError(f"{where}: '{name}' must be a finite number > 0, got {value!r}{kind}.")
+
+
+def config_rank(config, module_name: str) -> int:
+    """The rank peft gives ``module_name`` under ``config`` (``rank_pattern``, else ``r``)."""
+    if config.rank_pattern:
+        key = get_pattern_key(list(config.rank_pattern), module_name)
+        return config.rank_pattern.get(key, config.r)
+    return config.r
 
 
 def config_scaling(config, module_name: str, rank: int) -> float:

@@ -67,7 +67,7 @@ def export_kohya(unet_or_file, path: str | os.PathLike, adapter_name: str = "def
         tensors, file_metadata = read_lora_file(source)
         if all(KOHYA_KEY.match(k) for k in tensors):
             raise ValueError(f"unet_or_file {str(source)!r} is already in kohya format.")
-        configs = adapter_configs(file_metadata)
+        configs = adapter_configs(file_metadata, source=str(source))
         modules: dict[tuple[str, str], dict] = {}
         bad = []
         for key, tensor in tensors.items():
@@ -88,7 +88,6 @@ def export_kohya(unet_or_file, path: str | os.PathLike, adapter_name: str = "def
             (c, m): config_scaling(configs[c], m, t["lora_A.weight"].shape[0]) for (c, m), t in modules.items()
         }
     else:
-
         unet = unwrap_model(unet_or_file)
         modules, scalings = {}, {}
         for key, tensor in lora_state_dict(unet, adapter_name).items():

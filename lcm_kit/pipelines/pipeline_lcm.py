@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import PIL.Image
 import torch
-from diffusers import LCMScheduler
+from diffusers import AutoencoderKL, LCMScheduler, TCDScheduler, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import TextualInversionLoaderMixin
@@ -30,24 +29,32 @@ from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_t
     retrieve_timesteps,
 )
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..consistency import guidance_scale_embedding
-from ..schedulers.scheduling_lcm import ConsistencyScheduler
+from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
+from .fast_inference import FastInferenceMixin, with_fast_inference
+from .lcm_inputs import LCMPipelineInputChecks, without_alpha
+from .lcm_loading import LCMPipelineLoading
 
 logger = logging.get_logger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DISTILLED_DEFAULT_GUIDANCE = 8.5  # w = 7.5 + 1: the common distillation target of published LCMs
 LORA_DEFAULT_GUIDANCE = 1.0  # LCM-LoRA: no classifier-free guidance
+IMG2IMG_DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image pipelines' default
 
 
 def as_consistency_scheduler(scheduler):
     """Return ``scheduler`` if it already runs LCM multistep sampling (``ConsistencyScheduler`` or diffusers'
     ``LCMScheduler``); otherwise a ``ConsistencyScheduler`` built from its config (betas, prediction type,
-    timestep offsets carry over, so an SD folder's DDIM/PNDM/Euler scheduler becomes the matching LCM one)."""
-    if isinstance(scheduler, (ConsistencyScheduler, LCMScheduler)):
+    timestep offsets carry over, so an SD folder's DDIM/PNDM/Euler scheduler becomes the matching LCM one).
+    ``None`` stays ``None`` (a pipeline built only to encode prompts)."""
+    if scheduler is None or isinstance(scheduler, (ConsistencyScheduler, LCMScheduler)):
         return scheduler
+    if isinstance(scheduler, TCDScheduler):  # a TCD model keeps TCD sampling, exactly
+        return TrajectoryConsistencyScheduler.from_config(scheduler.config)
     converted = ConsistencyScheduler.from_config(scheduler.config)
     logger.info(
         f"LCMPipeline: replaced the {type(scheduler).__name__} by a ConsistencyScheduler built from its config "
@@ -56,7 +63,7 @@ def as_consistency_scheduler(scheduler):
     return converted
 
 
-class LCMPipeline(LatentConsistencyModelPipeline):
+class LCMPipeline(FastInferenceMixin, LCMPipelineInputChecks, LCMPipelineLoading, LatentConsistencyModelPipeline):
     r"""Few-step generation with a latent consistency model on Stable Diffusion 1.x / 2.x components.
 
     Components are those of diffusers' ``StableDiffusionPipeline`` (``vae``, ``text_encoder``, ``tokenizer``,
@@ -70,6 +77,10 @@ class LCMPipeline(LatentConsistencyModelPipeline):
     DDIM or PNDM) is replaced in ``__init__`` by ``ConsistencyScheduler.from_config(scheduler.config)``. Converting
     in ``__init__`` (rather than in ``from_pretrained``) covers every way of building the pipeline: direct
     construction, ``from_pretrained``, ``from_pipe`` and ``from_single_file``.
+
+    **Fast inference.** ``pipe.enable_fast_inference()`` (off by default) fuses LoRA weights, switches to SDPA and
+    channels_last, compiles the UNet and VAE decode (CUDA graphs on CUDA) and runs a denoising loop without host-device
+    syncs; unsupported calls fall back to the normal path (:mod:`lcm_kit.pipelines.fast_inference`).
     """
 
     # `negative_prompt_embeds` is only present under classifier-free guidance (LCM-LoRA, guidance_scale > 1);
@@ -78,14 +89,14 @@ class LCMPipeline(LatentConsistencyModelPipeline):
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: ConsistencyScheduler | LCMScheduler,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         requires_safety_checker: bool = True,
     ):
         super().__init__(
@@ -121,7 +132,7 @@ class LCMPipeline(LatentConsistencyModelPipeline):
         clip_skip path still expects). As in diffusers, ``clip_skip`` applies to the prompt, not the negative."""
         if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
             prompt_embeds = self._clip_skip_prompt_embeds(prompt, device, clip_skip, lora_scale)
-        return super().encode_prompt(
+        prompt_embeds, negative_prompt_embeds = super().encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
@@ -132,6 +143,7 @@ class LCMPipeline(LatentConsistencyModelPipeline):
             lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
+        return prompt_embeds, negative_prompt_embeds
 
     def _clip_skip_prompt_embeds(self, prompt, device, clip_skip: int, lora_scale=None) -> torch.Tensor:
         """CLIP hidden state ``clip_skip`` layers before the last, through the final layer norm."""
@@ -165,6 +177,11 @@ class LCMPipeline(LatentConsistencyModelPipeline):
         return self.unet.config.time_cond_proj_dim is not None
 
     @property
+    def default_guidance_scale(self) -> float:
+        """What ``guidance_scale=None`` means: 8.5 for a distilled LCM, 1.0 (no guidance) for an LCM-LoRA."""
+        return DISTILLED_DEFAULT_GUIDANCE if self.is_distilled else LORA_DEFAULT_GUIDANCE
+
+    @property
     def do_classifier_free_guidance(self) -> bool:
         # Real CFG only for a UNet without guidance conditioning (LCM-LoRA) and a scale above 1.
         return self._guidance_scale > 1 and not self.is_distilled
@@ -173,97 +190,7 @@ class LCMPipeline(LatentConsistencyModelPipeline):
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
 
-    def check_inputs(
-        self,
-        prompt,
-        height,
-        width,
-        prompt_embeds=None,
-        negative_prompt=None,
-        negative_prompt_embeds=None,
-        num_images_per_prompt=1,
-        generator=None,
-        image=None,
-        strength=None,
-        gamma=None,
-        output_type="pil",
-        callback_on_step_end_tensor_inputs=None,
-    ):
-        """Raise ``ValueError`` naming the argument, the value received and what is allowed."""
-        factor = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (not isinstance(value, int) or value <= 0 or value % factor != 0):
-                raise ValueError(
-                    f"`{name}` must be a positive multiple of the VAE scale factor {factor}, got {value!r}."
-                )
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Pass one of `prompt` (str or list of str) or `prompt_embeds`; got neither.")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
-        if prompt_embeds is not None and prompt_embeds.ndim != 3:
-            raise ValueError(
-                f"`prompt_embeds` must have shape (batch, sequence, hidden), got {tuple(prompt_embeds.shape)}."
-            )
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if negative_prompt_embeds is not None:
-            if prompt_embeds is None:
-                raise ValueError("`negative_prompt_embeds` needs `prompt_embeds` (not `prompt`) of the same shape.")
-            if negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(
-                    "`negative_prompt_embeds` must have the shape of `prompt_embeds`, got "
-                    f"{tuple(negative_prompt_embeds.shape)} vs {tuple(prompt_embeds.shape)}."
-                )
-        if isinstance(prompt, list) and isinstance(negative_prompt, list) and len(prompt) != len(negative_prompt):
-            raise ValueError(
-                f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompt)}; they must match."
-            )
-        if (negative_prompt is not None or negative_prompt_embeds is not None) and not self.do_classifier_free_guidance:
-            why = (
-                "this UNet is a distilled LCM (guidance comes from the w-embedding, the negative prompt is unused)"
-                if self.is_distilled
-                else f"guidance_scale={self._guidance_scale} <= 1 means no classifier-free guidance"
-            )
-            raise ValueError(f"A negative prompt was given but would be ignored: {why}. Drop it or raise guidance.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
-        if isinstance(generator, list):
-            batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
-            if len(generator) != batch * num_images_per_prompt:
-                raise ValueError(
-                    f"`generator` is a list of {len(generator)} generators but the batch has "
-                    f"{batch * num_images_per_prompt} images (prompts x num_images_per_prompt); pass one per image."
-                )
-        if image is None and strength is not None:
-            raise ValueError(f"`strength`={strength} was given without `image`; strength is only for img2img.")
-        if image is not None:
-            if strength is None or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise ValueError(
-                    f"img2img needs `strength` in (0, 1] (how much of the image is re-noised), got {strength!r}."
-                )
-            if not isinstance(image, (torch.Tensor, PIL.Image.Image, list)) and not hasattr(image, "__array__"):
-                raise ValueError(
-                    f"`image` must be a PIL image, a numpy array, a torch tensor or a list of them, got {type(image)}."
-                )
-        if gamma is not None:
-            if not 0.0 <= gamma <= 1.0:
-                raise ValueError(f"`gamma` must be in [0, 1], got {gamma}.")
-            if not isinstance(self.scheduler, ConsistencyScheduler) and gamma != 1.0:
-                raise ValueError(
-                    f"`gamma`={gamma} needs a ConsistencyScheduler; {type(self.scheduler).__name__} only does "
-                    "gamma=1 (fresh-noise LCM multistep)."
-                )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
-                )
-
+    @with_fast_inference
     @torch.no_grad()
     def __call__(
         self,
@@ -283,6 +210,8 @@ class LCMPipeline(LatentConsistencyModelPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         image: PipelineImageInput | None = None,
         strength: float | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -316,25 +245,33 @@ class LCMPipeline(LatentConsistencyModelPipeline):
                 1 = LCM's fresh-noise multistep (default, the scheduler's configured value), 0 = deterministic
                 DDIM-style move along the predicted trajectory.
             num_images_per_prompt, generator, latents: as in diffusers (one generator per image if a list).
-            image, strength: image-to-image. ``strength`` in (0, 1] is passed to ``scheduler.set_timesteps`` so the
-                schedule starts at ``strength`` of the way into the distillation grid; the image is VAE-encoded and
-                noised to the first timestep. ``strength`` is required with ``image`` and refused without it.
+            image, strength: image-to-image. ``strength`` in (0, 1] (default 0.8, as diffusers' img2img pipelines)
+                is passed to ``scheduler.set_timesteps`` so the schedule starts at ``strength`` of the way into the
+                distillation grid; the image is VAE-encoded and noised to the first timestep. ``strength`` without
+                ``image`` is an error. Images with an alpha channel are composited over white first (a 4-channel
+                array or tensor is read as latents, diffusers' convention).
+            ip_adapter_image, ip_adapter_image_embeds: IP-Adapter conditioning (``pipe.load_ip_adapter(...)``).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the final denoised latents).
             return_dict: return a ``StableDiffusionPipelineOutput`` (else a tuple ``(images, nsfw)``).
             cross_attention_kwargs: passed to the attention processors (``{"scale": s}`` scales the LoRA).
             clip_skip: number of final CLIP layers to skip.
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers; tensors from
                 ``_callback_tensor_inputs`` may be read and replaced (``latents``, ``denoised``, ``prompt_embeds``,
-                ``negative_prompt_embeds``, ``w_embedding``).
+                ``negative_prompt_embeds``, ``w_embedding``). A callback may also change ``pipe._guidance_scale``
+                (diffusers' ``SDCFGCutoffCallback`` turns classifier-free guidance off part-way): it is read at
+                every step.
         """
+        if self.scheduler is None:
+            raise ValueError("This LCMPipeline has no scheduler (built with scheduler=None); set `pipe.scheduler`.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if guidance_scale is None:
-            guidance_scale = DISTILLED_DEFAULT_GUIDANCE if self.is_distilled else LORA_DEFAULT_GUIDANCE
+            guidance_scale = self.default_guidance_scale
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
+        image = without_alpha(image)
         self.check_inputs(
             prompt,
             height,
@@ -349,10 +286,17 @@ class LCMPipeline(LatentConsistencyModelPipeline):
             gamma,
             output_type,
             callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps if timesteps is None else None,
+            guidance_scale=guidance_scale,
+            latents=latents,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
         if image is None:
             height = height or self.unet.config.sample_size * self.vae_scale_factor
             width = width or self.unet.config.sample_size * self.vae_scale_factor
+        elif strength is None:
+            strength = IMG2IMG_DEFAULT_STRENGTH
 
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
@@ -378,6 +322,12 @@ class LCMPipeline(LatentConsistencyModelPipeline):
         if do_cfg:
             # One batched UNet pass over [uncond, cond], as StableDiffusionPipeline does.
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        added_cond_kwargs = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, num_images, do_cfg
+            )
+            added_cond_kwargs = {"image_embeds": image_embeds}
 
         # 2. Timesteps; img2img passes strength so the schedule starts part-way into the grid.
         set_timesteps_kwargs = dict(original_inference_steps=original_inference_steps)
@@ -417,13 +367,14 @@ class LCMPipeline(LatentConsistencyModelPipeline):
         if gamma is not None and isinstance(self.scheduler, ConsistencyScheduler):
             step_kwargs["gamma"] = gamma
 
-        # 5. LCM multistep sampling.
+        # 5. LCM multistep sampling. Guidance is read at every step: a callback may turn it off part-way.
         self._num_timesteps = len(timesteps)
         denoised = latents
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                do_cfg = self.do_classifier_free_guidance and prompt_embeds.shape[0] == 2 * latents.shape[0]
                 latents = latents.to(prompt_embeds.dtype)
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
@@ -433,11 +384,12 @@ class LCMPipeline(LatentConsistencyModelPipeline):
                     timestep_cond=w_embedding,
                     encoder_hidden_states=prompt_embeds,
                     cross_attention_kwargs=cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 if do_cfg:
                     pred_uncond, pred_cond = model_pred.chunk(2)
-                    model_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+                    model_pred = pred_uncond + self._guidance_scale * (pred_cond - pred_uncond)
 
                 latents, denoised = self.scheduler.step(model_pred, t, latents, **step_kwargs, return_dict=False)
 
@@ -450,6 +402,10 @@ class LCMPipeline(LatentConsistencyModelPipeline):
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                     w_embedding = callback_outputs.pop("w_embedding", w_embedding)
+                    if added_cond_kwargs is not None and prompt_embeds.shape[0] == latents.shape[0]:
+                        # guidance turned off: keep only the conditional half of the IP-Adapter embeddings
+                        added_cond_kwargs = {"image_embeds": [e.chunk(2)[-1] if e.shape[0] == 2 * latents.shape[0]
+                                                              else e for e in added_cond_kwargs["image_embeds"]]}
                 progress_bar.update()
 
         # 6. Decode the last denoised prediction (the consistency function's output).

@@ -1,12 +1,13 @@
-"""`ConsistencyScheduler`: diffusers' LCM multistep sampling, exact, plus TCD-style trajectory stochasticity.
+"""`ConsistencyScheduler`: diffusers' LCM multistep sampling, exact.
 
-With ``gamma=1`` (the default) every timestep, ``prev_sample`` and ``denoised`` equal diffusers' ``LCMScheduler``
-for the same config, inputs and generator. ``gamma < 1`` moves part (``gamma=0``: all) of each step
-deterministically along the predicted DDIM trajectory instead of re-noising from scratch, as in Trajectory
-Consistency Distillation (Zheng et al. 2024, https://huggingface.co/papers/2402.19159).
+With ``gamma=1`` (the default) every timestep, ``prev_sample`` and ``denoised`` equal diffusers' ``LCMScheduler`` for
+the same config, inputs and generator. ``gamma < 1`` moves part (``gamma=0``: all) of each step deterministically
+along the predicted DDIM trajectory instead of re-noising from scratch, with LCM's boundary conditions and the clean
+sample as the trajectory's end. (diffusers' ``TCDScheduler``, exactly: :mod:`.scheduling_tcd`.)
 
-All math (boundary scalings, x0 / eps conversions, noising, the DDIM move, thresholding) comes from
-:mod:`lcm_kit.consistency`.
+It keeps the schedule on the host as well as on ``device``: a step reads only host numbers, so with every tensor on
+an accelerator it never waits for the device. All math (boundary scalings, x0 / eps conversions, noising, the DDIM
+move, thresholding) comes from :mod:`lcm_kit.consistency`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_lcm import betas_for_alpha_bar, rescale_zero_terminal_snr
+from diffusers.schedulers.scheduling_lcm import rescale_zero_terminal_snr
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..consistency import (
-    PREDICTION_TYPES,
-    append_dims,
     ddim_step,
     ddim_timestep_grid,
     dynamic_threshold,
@@ -34,14 +33,20 @@ from ..consistency import (
     predicted_epsilon,
     predicted_original_sample,
     vp_noise,
-    vp_velocity,
 )
 from ..utils import check_exactly_one
+from .scheduler_args import (
+    check_custom_timesteps,
+    check_device,
+    check_gamma,
+    check_int,
+    check_lcm_config,
+    check_step_inputs,
+    vp_betas,
+)
+from .scheduler_mixins import StepIndexMixin, VPTrainingMixin
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass
@@ -62,32 +67,25 @@ class ConsistencySchedulerOutput(BaseOutput):
     denoised: torch.Tensor | None = None
 
 
-def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-
-
-def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= float(gamma) <= 1.0:
-        raise ValueError(f"`gamma` must be a number in [0, 1] (1 = LCM, 0 = deterministic), got {gamma!r}.")
-    return float(gamma)
-
-
-def _check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int in [{low}, {high}], got {value!r} of type {type(value).__name__}.")
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value}.")
-    return int(value)
-
-
-class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
+class ConsistencyScheduler(StepIndexMixin, VPTrainingMixin, SchedulerMixin, ConfigMixin):
     """
     `ConsistencyScheduler` samples latent consistency models (LCM, LCM-LoRA) in a few steps: at each timestep the
     model's output becomes a clean estimate `denoised` through LCM's boundary conditions, and the next input is that
     estimate carried to the next (smaller) timestep. With `gamma=1` the carry is LCM's fresh-noise multistep
     sampling and the scheduler reproduces diffusers' [`LCMScheduler`] exactly; with `gamma=0` it is a deterministic
     DDIM move along the predicted trajectory; values in between mix the two as in TCD.
+
+    Two modes, two classes (like diffusers' `LCMScheduler` and `TCDScheduler`):
+
+    * **LCM** (this class, `gamma=1`, the default): exactly `LCMScheduler`, for LCM and LCM-LoRA models. With
+      `gamma < 1` it mixes in the deterministic trajectory with LCM's boundary conditions and ends at the clean
+      estimate (`s = 0` counts as `alphas_cumprod = 1`); that is not `TCDScheduler`.
+    * **TCD** ([`TrajectoryConsistencyScheduler`], a subclass): exactly `TCDScheduler(eta=gamma)` for TCD models and
+      TCD-LoRAs (no boundary conditions, the trajectory ends at timestep 0 with `alphas_cumprod[0]`), with
+      `TCDScheduler.step`'s signature.
+
+    Both read the schedule from a host copy made by `set_timesteps`, so a step with every tensor on an accelerator
+    never waits for it (elements of `scheduler.timesteps` are located from their view offset, not their value).
 
     This model inherits from [`SchedulerMixin`] and [`ConfigMixin`]. [`~ConfigMixin`] takes care of storing all
     config attributes that are passed in the scheduler's `__init__` function, such as `num_train_timesteps`. They
@@ -109,7 +107,8 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
             from `linear`, `scaled_linear`, or `squaredcos_cap_v2`.
         trained_betas (`np.ndarray` or `list[float]`, *optional*):
             Pass an array of betas directly to the constructor to bypass `beta_start`, `beta_end` and
-            `beta_schedule`.
+            `beta_schedule`. Each in `[0, 1]`; any length, as in `LCMScheduler` (`set_timesteps` then requires every
+            timestep of the schedule to be below the number of betas).
         original_inference_steps (`int`, defaults to `50`):
             The size N of the skipping-step grid `[k - 1, 2k - 1, ..., N k - 1]` (k = `num_train_timesteps // N`)
             the model was distilled on; inference timesteps are `num_inference_steps` evenly spaced entries of it.
@@ -177,27 +176,13 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         gamma: float = 1.0,
     ):
-        _check_int("num_train_timesteps", num_train_timesteps, 1, 10**9)
-        _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        _check_int("original_inference_steps", original_inference_steps, 1, num_train_timesteps)
-        _check_gamma(gamma)
-
-        if trained_betas is not None:
-            self.betas = torch.tensor(trained_betas, dtype=torch.float32)
-            if self.betas.shape != (num_train_timesteps,):
-                raise ValueError(
-                    f"`trained_betas` must hold num_train_timesteps={num_train_timesteps} values, "
-                    f"got shape {tuple(self.betas.shape)}."
-                )
-        elif beta_schedule == "linear":
-            self.betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-        elif beta_schedule == "scaled_linear":
-            # Latent diffusion's schedule: linear in sqrt(beta).
-            self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        else:  # squaredcos_cap_v2: the Glide cosine schedule
-            self.betas = betas_for_alpha_bar(num_train_timesteps)
+        check_lcm_config(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, original_inference_steps, clip_sample,
+            clip_sample_range, set_alpha_to_one, steps_offset, prediction_type, thresholding,
+            dynamic_thresholding_ratio, sample_max_value, timestep_spacing, timestep_scaling, rescale_betas_zero_snr,
+            gamma,
+        )
+        self.betas = vp_betas(trained_betas, beta_schedule, beta_start, beta_end, num_train_timesteps)
 
         if rescale_betas_zero_snr:
             self.betas = rescale_zero_terminal_snr(self.betas)
@@ -214,78 +199,11 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         # Settable values.
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
+        # The schedule as Python ints: a step indexes `alphas_cumprod` with these, never with a device tensor.
+        self._host_timesteps = self.timesteps.tolist()
         self.custom_timesteps = False
         self._step_index = None
         self._begin_index = None
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Step-index bookkeeping (the same contract as diffusers' schedulers)
-    # ----------------------------------------------------------------------------------------------------------
-
-    @property
-    def step_index(self) -> int | None:
-        """
-        The index counter for the current timestep. It increases by 1 after each scheduler step.
-
-        Returns:
-            `int` or `None`: The current step index, or `None` before the first `step`.
-        """
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """
-        The index of the first timestep. Pipelines may set it with [`~ConsistencyScheduler.set_begin_index`].
-
-        Returns:
-            `int` or `None`: The begin index, or `None` if not set.
-        """
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """
-        Sets the begin index for the scheduler. This function should be run from the pipeline before inference.
-
-        Args:
-            begin_index (`int`, defaults to `0`):
-                The index in `timesteps` at which the first `step` starts.
-        """
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep: int | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """
-        Finds the index of `timestep` in the timestep schedule.
-
-        Args:
-            timestep (`int` or `torch.Tensor`):
-                The timestep to look up.
-            schedule_timesteps (`torch.Tensor`, *optional*):
-                The schedule to search; defaults to `self.timesteps`.
-
-        Returns:
-            `int`: The index. If the timestep occurs twice, the second occurrence (diffusers' convention, so an
-            image-to-image schedule starting mid-way does not skip a step).
-
-        Raises:
-            `ValueError`: if `timestep` is not in the schedule.
-        """
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule_timesteps.device)
-        indices = (schedule_timesteps == timestep).nonzero()
-        if len(indices) == 0:
-            raise ValueError(
-                f"`timestep` {int(timestep)} is not in the current schedule {schedule_timesteps.tolist()}; "
-                "pass one of the timesteps set by `set_timesteps`."
-            )
-        return indices[1 if len(indices) > 1 else 0].item()
-
-    def _init_step_index(self, timestep: int | torch.Tensor) -> None:
-        if self.begin_index is None:
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
 
     # ----------------------------------------------------------------------------------------------------------
     # Schedule
@@ -331,20 +249,21 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         """
         # 0. Check inputs.
         check_exactly_one(num_inference_steps=num_inference_steps, timesteps=timesteps)
+        check_device(device)
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}.")
         num_train_timesteps = self.config.num_train_timesteps
         original_steps = (
             original_inference_steps if original_inference_steps is not None else self.config.original_inference_steps
         )
-        original_steps = _check_int("original_inference_steps", original_steps, 1, num_train_timesteps)
+        original_steps = check_int("original_inference_steps", original_steps, 1, num_train_timesteps)
 
-        # 1. The skipping-step grid of distillation, shortened by strength: [k-1, 2k-1, ...] (ascending).
-        grid = ddim_timestep_grid(num_train_timesteps, original_steps)[: int(original_steps * strength)]
+        # 1. The grid the timesteps are picked from (ascending), shortened by strength.
+        grid, grid_size, grid_text = self._timestep_grid(original_steps, strength, original_inference_steps is not None)
 
         if timesteps is not None:
             # 2.1 A custom schedule.
-            timesteps = self._check_custom_timesteps(timesteps)
+            timesteps = check_custom_timesteps(timesteps, self.config.num_train_timesteps)
             self._warn_unusual_custom_timesteps(timesteps, grid, original_steps, strength)
             self.num_inference_steps = len(timesteps)
             self.custom_timesteps = True
@@ -358,13 +277,12 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
             timesteps = timesteps[self.num_inference_steps - kept :]
         else:
             # 2.2 Evenly spaced (by index) points of the grid, largest timestep first.
-            num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1, original_steps)
+            num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1, original_steps)
             if len(grid) < num_inference_steps:
                 raise ValueError(
-                    f"`strength`={strength} leaves int({original_steps} * {strength}) = {len(grid)} timesteps of the "
-                    f"original_inference_steps={original_steps} grid, fewer than num_inference_steps="
-                    f"{num_inference_steps}; use strength >= {num_inference_steps / original_steps:.4g} or at most "
-                    f"{len(grid)} steps."
+                    f"`strength`={strength} leaves int({grid_size} * {strength}) = {len(grid)} timesteps of the "
+                    f"{grid_text}, fewer than num_inference_steps={num_inference_steps}; use strength >= "
+                    f"{num_inference_steps / grid_size:.4g} or at most {len(grid)} steps."
                 )
             self.num_inference_steps = num_inference_steps
             self.custom_timesteps = False
@@ -372,26 +290,23 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
             indices = np.floor(np.linspace(0, len(descending), num=num_inference_steps, endpoint=False))
             timesteps = descending[indices.astype(np.int64)]
 
+        if timesteps.max() >= len(self.alphas_cumprod):
+            raise ValueError(
+                f"`trained_betas` holds {len(self.alphas_cumprod)} betas, but the schedule {timesteps.tolist()} needs "
+                f"timesteps up to {timesteps.max()}; pass at least {timesteps.max() + 1} betas or a smaller "
+                "num_train_timesteps."
+            )
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.long)
+        # The same schedule as Python ints, made here so that `step` never reads a device tensor.
+        self._host_timesteps = timesteps.tolist()
         self._step_index = None
         self._begin_index = None
 
-    def _check_custom_timesteps(self, timesteps) -> np.ndarray:
-        """Custom timesteps as an int64 array, or a `ValueError` naming what is wrong."""
-        if isinstance(timesteps, torch.Tensor):
-            timesteps = timesteps.detach().cpu().numpy()
-        values = np.asarray(timesteps)
-        if values.ndim != 1 or values.size == 0:
-            raise ValueError(f"`timesteps` must be a non-empty 1-D list of ints, got {timesteps!r}.")
-        if not (np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0)):
-            raise ValueError(f"`timesteps` must be integers, got {values.tolist()}.")
-        values = values.astype(np.int64)
-        if np.any(np.diff(values) >= 0):
-            raise ValueError(f"`timesteps` must be strictly descending, got {values.tolist()}.")
-        high = self.config.num_train_timesteps
-        if values[0] >= high or values[-1] < 0:
-            raise ValueError(f"`timesteps` must lie in [0, num_train_timesteps={high}), got {values.tolist()}.")
-        return values
+    def _timestep_grid(self, original_steps: int, strength: float, original_inference_steps_given: bool):
+        """`(grid, size, description)`: the ascending timesteps a schedule is picked from, kept by strength (the
+        first `int(size * strength)` of the full grid of `size`): LCM's skipping-step grid `[k-1, 2k-1, ...]`."""
+        grid = ddim_timestep_grid(self.config.num_train_timesteps, original_steps)
+        return grid[: int(original_steps * strength)], original_steps, f"original_inference_steps={original_steps} grid"
 
     def _warn_unusual_custom_timesteps(self, timesteps, grid, original_steps, strength) -> None:
         """The warnings `LCMScheduler` gives for legal but unusual custom schedules."""
@@ -521,26 +436,19 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
 
         Raises:
             `ValueError`: before `set_timesteps`, for a timestep not in the schedule, past the end of the schedule,
-            or for `gamma` outside `[0, 1]`.
+            for `gamma` outside `[0, 1]`, or for `model_output` and `sample` of different shapes.
+            `TypeError`: for a `gamma`, `timestep`, tensor or `generator` of the wrong type.
         """
-        if self.num_inference_steps is None:
-            raise ValueError("`step()` was called before `set_timesteps()`; call `set_timesteps(...)` first.")
-        gamma = self.config.gamma if gamma is None else _check_gamma(gamma)
+        gamma = self.config.gamma if gamma is None else check_gamma(gamma)
+        self._start_step(model_output, timestep, sample, generator)
 
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.step_index >= len(self.timesteps):
-            raise ValueError(
-                f"`step()` was called {self.step_index + 1} times but the schedule has {len(self.timesteps)} "
-                "timesteps; call `set_timesteps(...)` again to start a new sampling loop."
-            )
-
-        # 1. Noise levels. Indexing with a Python int keeps alphas on the CPU whatever the timestep's device.
-        alpha_prod_t = self.alphas_cumprod[int(timestep)]
+        # 1. Noise levels, from the host copy of the schedule (see `set_timesteps`).
+        alpha_prod_t = self.alphas_cumprod[self._host_timesteps[self.step_index]]
         prev_step_index = self.step_index + 1
-        is_last_step = prev_step_index >= len(self.timesteps)
+        is_last_step = prev_step_index >= len(self._host_timesteps)
 
-        # 2. The consistency model's clean estimate with LCM's boundary conditions.
+        # 2. The consistency model's clean estimate with LCM's boundary conditions (at the timestep passed, as
+        # LCMScheduler computes them: on its device and in its precision).
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(timestep)
         pred_x0 = predicted_original_sample(model_output, sample, alpha_prod_t, self.config.prediction_type)
         pred_x0 = self._clip_or_threshold(pred_x0)
@@ -550,7 +458,7 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         if is_last_step:
             prev_sample = denoised
         else:
-            prev_timestep = int(self.timesteps[prev_step_index])
+            prev_timestep = self._host_timesteps[prev_step_index]
             alpha_prod_t_prev = self.alphas_cumprod[prev_timestep]
             prev_sample = self._carry(denoised, sample, alpha_prod_t, alpha_prod_t_prev, prev_timestep, gamma, generator)
 
@@ -558,6 +466,19 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, denoised)
         return ConsistencySchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+    def _start_step(self, model_output, timestep, sample, generator) -> None:
+        """The checks every step starts with, then the step index (found on the host, see `schedule_index`)."""
+        if self.num_inference_steps is None:
+            raise ValueError("`step()` was called before `set_timesteps()`; call `set_timesteps(...)` first.")
+        check_step_inputs(model_output, sample, generator)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index >= len(self._host_timesteps):
+            raise ValueError(
+                f"`step()` was called {self.step_index + 1} times but the schedule has {len(self._host_timesteps)} "
+                "timesteps; call `set_timesteps(...)` again to start a new sampling loop."
+            )
 
     def _carry(self, denoised, sample, alpha_prod_t, alpha_prod_t_prev, prev_timestep, gamma, generator):
         """Moves `denoised` to the noise level of `prev_timestep` (see `step`)."""
@@ -577,49 +498,3 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         # Re-noise x_s from level s to t_prev: the forward process has alpha(t_prev | s) = a_prev / a_s.
         alpha_ratio = alpha_prod_t_prev if alpha_prod_s is None else alpha_prod_t_prev / alpha_prod_s
         return vp_noise(noisy_from, noise, alpha_ratio)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Training helpers
-    # ----------------------------------------------------------------------------------------------------------
-
-    def _alphas_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """`alphas_cumprod[timesteps]` on `like`'s device and dtype, shaped to broadcast against it."""
-        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
-        if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.as_tensor(timesteps)
-        return append_dims(alphas_cumprod[timesteps.to(like.device)].flatten(), like.ndim)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """
-        Adds noise to the original samples at the noise level of each timestep (the forward diffusion process):
-        `sqrt(a_t) x0 + sqrt(1 - a_t) noise`.
-
-        Args:
-            original_samples (`torch.Tensor`):
-                The clean samples `x0`.
-            noise (`torch.Tensor`):
-                The noise to add, shaped like `original_samples`.
-            timesteps (`torch.IntTensor`):
-                One timestep per sample (or a single one for all).
-
-        Returns:
-            `torch.Tensor`: The noisy samples.
-        """
-        return vp_noise(original_samples, noise, self._alphas_at(timesteps, original_samples))
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """
-        The v-prediction target `sqrt(a_t) noise - sqrt(1 - a_t) sample` (Imagen Video, section 2.4).
-
-        Args:
-            sample (`torch.Tensor`):
-                The clean samples `x0`.
-            noise (`torch.Tensor`):
-                The noise, shaped like `sample`.
-            timesteps (`torch.IntTensor`):
-                One timestep per sample (or a single one for all).
-
-        Returns:
-            `torch.Tensor`: The velocity.
-        """
-        return vp_velocity(sample, noise, self._alphas_at(timesteps, sample))

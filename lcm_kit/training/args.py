@@ -24,12 +24,16 @@ A trainer builds its parser from the groups it honours (``build_*_parser``) and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 
+from ..argtypes import CommandParser, float_range, int_range
 from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, SOLVERS
 from ..lora.adapter import LCM_LORA_TARGET_MODULES
 from .losses.cm import CONSISTENCY_LOSS_TYPES
 from .losses.cm import MODES as CM_MODES
+from .redaction import is_secret_name, redact_text, remember_secret
 
 LCM_LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -42,20 +46,41 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
+#: ``--report_to`` values and the package each needs.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+class TrainingArgumentParser(CommandParser):
+    """The trainers' parser: no prefix abbreviations (``--hub_tok`` is an error, not ``--hub_token``), defaults
+    shown in ``--help``, and the value of any flag that names or abbreviates a secret remembered as a secret, so no
+    error message, log, file or card shows it (:mod:`lcm_kit.training.redaction`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        secret_flags = [f for action in self._actions for f in action.option_strings if is_secret_name(f)]
+        for index, token in enumerate(argv):
+            if not token.startswith("--") or len(token) < 4:
+                continue
+            flag, has_value, value = token.partition("=")
+            if is_secret_name(flag) or any(secret.startswith(flag) for secret in secret_flags):
+                if has_value:
+                    remember_secret(value)
+                elif index + 1 < len(argv):
+                    remember_secret(argv[index + 1])
+        return super().parse_known_args(argv, namespace)
+
+    def error(self, message):
+        super().error(redact_text(message))
 
 
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return number
+_positive_int = int_range(1)
+_non_negative_int = int_range(0)
+_at_least_two = int_range(2)
+_finite = float_range()
+_positive = float_range(0, low_inclusive=False)
+_non_negative = float_range(0)
+_unit_interval = float_range(0, 1)
+_decay = float_range(0, 1, high_inclusive=False)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +89,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--pretrained_teacher_model",
         type=str,
         required=True,
-        help="Diffusers folder or Hub id of the Stable Diffusion 1.x/2.x teacher (unet, vae, text_encoder, tokenizer, scheduler).",
+        help="Diffusers folder or Hub id of the Stable Diffusion 1.x/2.x teacher (unet, vae, text_encoder, tokenizer, "
+             "scheduler).",
     )
+    group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE to use instead of the teacher's (a folder / Hub id with an AutoencoderKL, or a "
+                            "pipeline folder with vae/), e.g. an fp16-safe VAE.")
     group.add_argument("--revision", type=str, default=None, help="Hub revision of the teacher.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher files, e.g. 'fp16'.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
@@ -77,69 +106,77 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output_dir", type=str, default="lcm-output", help="Where checkpoints and outputs are written.")
     group.add_argument("--seed", type=int, default=0, help="Seed for noise, timesteps, guidance scales and data order.")
     group.add_argument("--train_batch_size", type=_positive_int, default=16, help="Batch size per device.")
-    group.add_argument("--num_train_epochs", type=_positive_int, default=1)
-    group.add_argument(
-        "--max_train_steps",
-        type=_positive_int,
-        default=None,
-        help="Total optimiser steps; overrides --num_train_epochs when given.",
-    )
-    group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    group.add_argument("--num_train_epochs", type=_positive_int, default=1,
+                       help="Epochs when --max_train_steps is not given (diffusers' LCM scripts: 100).")
+    group.add_argument("--max_train_steps", type=_positive_int, default=None,
+                       help="Total optimiser steps; overrides --num_train_epochs when given.")
+    group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
+                       help="Micro-batches per optimiser step.")
     group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory.")
-    group.add_argument("--learning_rate", type=float, default=1e-6)
-    group.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply the learning rate by gradient_accumulation_steps * train_batch_size * num_processes.",
-    )
-    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
-    group.add_argument("--lr_warmup_steps", type=_non_negative_int, default=500)
+    group.add_argument("--learning_rate", type=_positive, default=1e-6, help="Initial learning rate (after warm-up).")
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by gradient_accumulation_steps * train_batch_size * num_processes.")
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    group.add_argument("--lr_warmup_steps", type=_non_negative_int, default=500, help="Linear warm-up steps.")
     group.add_argument("--lr_num_cycles", type=_positive_int, default=1, help="Hard restarts of cosine_with_restarts.")
-    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (<= 0 disables it).")
+    group.add_argument("--lr_power", type=_positive, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--use_8bit_adam", action="store_true",
+                       help="bitsandbytes' 8-bit AdamW (pip install 'lcm-kit[8bit]'; CUDA only).")
+    group.add_argument("--adam_beta1", type=_decay, default=0.9, help="AdamW beta1.")
+    group.add_argument("--adam_beta2", type=_decay, default=0.999, help="AdamW beta2.")
+    group.add_argument("--adam_weight_decay", type=_non_negative, default=0.0,
+                       help="AdamW weight decay (diffusers' LCM scripts: 1e-2).")
+    group.add_argument("--adam_epsilon", type=_positive, default=1e-8, help="AdamW epsilon.")
+    group.add_argument("--max_grad_norm", type=_finite, default=1.0, help="Gradient clipping norm (<= 0 disables it).")
     group.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION,
-                       help="Defaults to the accelerate config. Frozen modules are cast to it; trainable weights stay fp32.")
+                       help="Defaults to the accelerate config. Frozen modules are cast to it; trainable weights stay "
+                            "fp32. fp16 needs a CUDA GPU.")
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--checkpointing_steps", type=_positive_int, default=500, help="Save a resumable checkpoint every N steps.")
-    group.add_argument("--checkpoints_total_limit", type=_positive_int, default=None, help="Keep at most N checkpoints.")
-    group.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="'latest' (the newest checkpoint-<step> in --output_dir; a fresh start if none) or a checkpoint folder.",
-    )
+    group.add_argument("--checkpointing_steps", type=_positive_int, default=500,
+                       help="Save a resumable checkpoint every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=_positive_int, default=None,
+                       help="Keep at most N checkpoints (the oldest is removed once a new one is complete).")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help="'latest' (the newest complete checkpoint-<step> in --output_dir; a fresh start if none) or "
+                            "a checkpoint folder. --learning_rate given on resume replaces the checkpoint's.")
     group.add_argument("--validation_steps", type=_positive_int, default=200, help="Validation grid every N steps.")
-    group.add_argument(
-        "--validation_prompts",
-        type=str,
-        nargs="*",
-        default=None,
-        help="Prompts of the validation grid (default: a few generic prompts). Pass no value to disable validation.",
-    )
+    group.add_argument("--validation_prompts", type=str, nargs="*", default=None,
+                       help="Prompts of the validation grid (default: a few generic prompts). Pass no value to disable "
+                            "validation.")
     group.add_argument("--report_to", type=str, default="tensorboard",
                        help="Accelerate trackers: tensorboard, wandb, comet_ml, all, or none.")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    group.add_argument("--tracker_project_name", type=str, default=None, help="Tracker project (default: the script name).")
+    group.add_argument("--tracker_project_name", type=str, default=None,
+                       help="Tracker project (default: the trainer's name).")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset_name", type=str, default=None,
-                       help="Hub dataset id or anything datasets.load_dataset reads locally (imagefolder, csv/json, saved dataset).")
-    group.add_argument("--dataset_config_name", type=str, default=None)
+                       help="Hub dataset id or anything datasets.load_dataset reads locally (imagefolder, csv/json, "
+                            "saved dataset).")
+    group.add_argument("--dataset_config_name", type=str, default=None,
+                       help="The configuration of a --dataset_name that has several.")
     group.add_argument("--train_shards_path_or_url", type=str, default=None,
                        help="Webdataset tar shards (brace patterns allowed), instead of --dataset_name.")
     group.add_argument("--image_column", type=str, default=None, help="Default: detected from the dataset features.")
     group.add_argument("--caption_column", type=str, default=None, help="Default: detected from the dataset features.")
-    group.add_argument("--max_train_samples", type=_positive_int, default=None)
-    group.add_argument("--resolution", type=_positive_int, default=512)
+    group.add_argument("--max_train_samples", type=_positive_int, default=None,
+                       help="Train on the first N samples only (in dataset order).")
+    group.add_argument("--resolution", type=_positive_int, default=512,
+                       help="Training image side in pixels, a multiple of 8; images are resized (shorter side) and "
+                            "cropped to it, and one smaller than resolution / 8 is a bad sample.")
     group.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop) to --resolution.")
     group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    group.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
+    group.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0,
+                       help="DataLoader worker processes (0: load in the main process).")
+    group.add_argument("--skip_bad_samples", action="store_true",
+                       help="Skip samples that cannot be read (corrupt, truncated or missing image, unusable "
+                            "caption, image too small) instead of stopping: each is logged by name with a running "
+                            "count. A skipped sample is replaced by the next readable one (the next index; datasets "
+                            "and local shards) or dropped (streamed shards), so runs stay deterministic and resume "
+                            "exactly. Missing, non-tar or damaged shards are left out. Default: the first bad sample "
+                            "stops the run with an error naming it.")
 
 
 def add_hub_args(parser: argparse.ArgumentParser) -> None:
@@ -147,25 +184,33 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--push_to_hub", action="store_true", help="Upload the outputs and a model card at the end.")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: the output folder's name).")
     group.add_argument("--hub_token", type=str, default=None,
-                       help="Hub token (never printed, logged or saved); prefer `huggingface-cli login`.")
+                       help="Hub token (never printed, logged or saved); prefer `hf auth login`.")
 
 
 def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: float = 15.0) -> None:
     group = parser.add_argument_group("latent consistency distillation")
     group.add_argument("--num_ddim_timesteps", type=_positive_int, default=50, help="Skip-step grid size (k = T / N).")
     group.add_argument("--solver", type=str, default="ddim", choices=SOLVERS, help="Teacher ODE solver.")
-    group.add_argument("--w_min", type=float, default=w_min, help="Guidance w ~ U[w_min, w_max], x0 = c + w (c - u).")
-    group.add_argument("--w_max", type=float, default=w_max)
-    group.add_argument("--timestep_scaling_factor", type=float, default=10.0, help="Boundary-scaling timestep factor.")
-    group.add_argument("--loss_type", type=str, default="huber", choices=LCM_LOSS_TYPES)
-    group.add_argument("--huber_c", type=float, default=0.001)
-    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+    group.add_argument("--w_min", type=_non_negative, default=w_min,
+                       help="Guidance w ~ U[w_min, w_max], x0 = c + w (c - u) (CFG scale w + 1).")
+    group.add_argument("--w_max", type=_non_negative, default=w_max, help="Upper end of the guidance range.")
+    group.add_argument("--timestep_scaling_factor", type=_positive, default=10.0,
+                       help="Boundary-scaling timestep factor (saved with the model's scheduler).")
+    group.add_argument("--loss_type", type=str, default="huber", choices=LCM_LOSS_TYPES,
+                       help="Distance of student and target (diffusers' LCM scripts default to l2).")
+    group.add_argument("--huber_c", type=_positive, default=0.001, help="Huber c of --loss_type huber.")
+    group.add_argument("--proportion_empty_prompts", type=_unit_interval, default=0.0,
                        help="Fraction of captions replaced by the empty prompt.")
-    group.add_argument("--cache_latents", action="store_true", help="Encode the dataset with the VAE once and train from the cache.")
-    group.add_argument("--cache_text_embeddings", action="store_true", help="Encode the captions once and train from the cache.")
-    group.add_argument("--validation_guidance_scale", type=float, default=None,
-                       help="Guidance of the 4-step validation images (default 1.0 for LoRA, 8.0 for full).")
-    group.add_argument("--validation_num_inference_steps", type=_positive_int, default=4)
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Encode the dataset with the VAE once and train from the cache.")
+    group.add_argument("--cache_text_embeddings", action="store_true",
+                       help="Encode the captions once and train from the cache.")
+    group.add_argument("--vae_encode_batch_size", type=_positive_int, default=32,
+                       help="Images per VAE encode (the cache build, or each step's batch in chunks).")
+    group.add_argument("--validation_guidance_scale", type=_non_negative, default=None,
+                       help="Guidance of the validation images (default 1.0 for LoRA, 8.0 for full).")
+    group.add_argument("--validation_num_inference_steps", type=_positive_int, default=4,
+                       help="Steps of the validation images (at most --num_ddim_timesteps).")
     group.add_argument("--torch_compile", action="store_true",
                        help="torch.compile the UNet(s) (opt-in: minutes of compile before the faster steps; "
                             "see benchmarks/RESULTS.md).")
@@ -173,9 +218,10 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora_rank", type=_positive_int, default=64)
-    group.add_argument("--lora_alpha", type=float, default=64.0)
-    group.add_argument("--lora_dropout", type=float, default=0.0)
+    group.add_argument("--lora_rank", type=_positive_int, default=64, help="LoRA rank r.")
+    group.add_argument("--lora_alpha", type=_positive, default=64.0, help="LoRA alpha (scale alpha / r).")
+    group.add_argument("--lora_dropout", type=_decay, default=0.0,
+                       help="LoRA dropout (> 0 turns off the fused LoRA forward).")
     group.add_argument("--lora_target_modules", type=str, default=",".join(LCM_LORA_TARGET_MODULES),
                        help="Comma-separated module names (peft suffix match).")
     group.add_argument("--export_kohya", action="store_true",
@@ -186,11 +232,12 @@ def add_full_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("full distillation")
     group.add_argument("--unet_time_cond_proj_dim", type=_positive_int, default=256,
                        help="Width of the guidance-scale embedding input of the student UNet.")
-    group.add_argument("--ema_decay", type=float, default=0.95, help="EMA decay of the target network (saved at the end).")
+    group.add_argument("--ema_decay", type=_decay, default=0.95,
+                       help="EMA decay of the target network (saved at the end).")
 
 
 def add_consistency_args(parser) -> None:
-    """Flags of consistency distillation / training (the loop, data and hub groups come from ``args.py``)."""
+    """Flags of consistency distillation / training (the loop, data and hub groups come from the other groups)."""
     group = parser.add_argument_group("consistency models")
     group.add_argument("--mode", type=str, required=True, choices=CM_MODES,
                        help="cd: distil a diffusion teacher's ODE; ct: consistency training; ict: improved CT.")
@@ -201,43 +248,45 @@ def add_consistency_args(parser) -> None:
                        help="cd only: the teacher's ODE step (default heun).")
     group.add_argument("--loss_type", type=str, default=None, choices=CONSISTENCY_LOSS_TYPES,
                        help="Default: l2 (cd, ct), pseudo_huber (ict). lpips needs the lpips package and its weights.")
-    group.add_argument("--huber_c", type=float, default=None, help="pseudo-Huber c (default 0.00054 * sqrt(d)).")
-    group.add_argument("--num_scales", type=int, default=None, help="cd only: N of the Karras grid (default 18).")
-    group.add_argument("--target_ema_decay", type=float, default=None, help="cd only: target EMA (default 0.95).")
-    group.add_argument("--s0", type=int, default=None, help="ct / ict: first N of the curriculum (2 / 10).")
-    group.add_argument("--s1", type=int, default=None, help="ct / ict: last N of the curriculum (150 / 1280).")
-    group.add_argument("--mu0", type=float, default=None, help="ct only: mu0 of the target EMA schedule (0.9).")
-    group.add_argument("--p_mean", type=float, default=-1.1, help="Lognormal index sampling mean (ict).")
-    group.add_argument("--p_std", type=float, default=2.0, help="Lognormal index sampling std (ict).")
-    group.add_argument("--sigma_min", type=float, default=SIGMA_MIN)
-    group.add_argument("--sigma_max", type=float, default=SIGMA_MAX)
-    group.add_argument("--sigma_data", type=float, default=SIGMA_DATA)
-    group.add_argument("--rho", type=float, default=RHO)
-    group.add_argument("--ema_decay", type=float, default=0.9999,
+    group.add_argument("--huber_c", type=_positive, default=None, help="pseudo-Huber c (default 0.00054 * sqrt(d)).")
+    group.add_argument("--num_scales", type=_at_least_two, default=None,
+                       help="cd only: N of the Karras grid (default 18).")
+    group.add_argument("--target_ema_decay", type=_decay, default=None, help="cd only: target EMA (default 0.95).")
+    group.add_argument("--s0", type=_positive_int, default=None, help="ct / ict: first N of the curriculum (2 / 10).")
+    group.add_argument("--s1", type=_positive_int, default=None, help="ct / ict: last N of the curriculum (150 / 1280).")
+    group.add_argument("--mu0", type=_decay, default=None, help="ct only: mu0 of the target EMA schedule (0.9).")
+    group.add_argument("--p_mean", type=_finite, default=-1.1, help="Lognormal index sampling mean (ict).")
+    group.add_argument("--p_std", type=_positive, default=2.0, help="Lognormal index sampling std (ict).")
+    group.add_argument("--sigma_min", type=_positive, default=SIGMA_MIN, help="Smallest noise level.")
+    group.add_argument("--sigma_max", type=_positive, default=SIGMA_MAX, help="Largest noise level.")
+    group.add_argument("--sigma_data", type=_positive, default=SIGMA_DATA, help="Data standard deviation.")
+    group.add_argument("--rho", type=_positive, default=RHO, help="Karras schedule exponent.")
+    group.add_argument("--ema_decay", type=_decay, default=0.9999,
                        help="EMA of the online weights kept for sampling (saved as the model), separate from the target.")
     group.add_argument("--pretrained_unet", type=str, default=None,
                        help="Initialise from this UNet2DModel (folder with config.json, or a pipeline folder with unet/), "
                             "e.g. the teacher's. Default: a new UNet2DModel from the flags below.")
     group.add_argument("--block_out_channels", type=str, default=None,
                        help="New UNet: comma-separated channels per level (default 64,128,128).")
-    group.add_argument("--layers_per_block", type=int, default=None, help="New UNet: resnets per level (default 2).")
-    group.add_argument("--dropout", type=float, default=None,
-                       help="New UNet: dropout (default 0; iCT used 0.3 on CIFAR-10).")
-    group.add_argument("--num_class_embeds", type=int, default=None,
+    group.add_argument("--layers_per_block", type=_positive_int, default=None,
+                       help="New UNet: resnets per level (default 2).")
+    group.add_argument("--dropout", type=_decay, default=None, help="New UNet: dropout (default 0; iCT used 0.3 on CIFAR-10).")
+    group.add_argument("--num_class_embeds", type=_positive_int, default=None,
                        help="Class-conditional: number of classes. Labels come from --caption_column (an integer "
                             "string, or one of --class_names).")
     group.add_argument("--class_names", type=str, default=None,
                        help="Comma-separated class names; caption i-th name -> label i.")
     group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                        help="Train in this AutoencoderKL's latent space (latents scaled by its scaling_factor).")
-    group.add_argument("--scheduler_num_train_timesteps", type=int, default=40,
+    group.add_argument("--scheduler_num_train_timesteps", type=_at_least_two, default=40,
                        help="Grid of the saved CMStochasticIterativeScheduler (num_inference_steps index into it).")
-    group.add_argument("--validation_num_inference_steps", type=int, default=1)
+    group.add_argument("--validation_num_inference_steps", type=_positive_int, default=1,
+                       help="Steps of the validation samples.")
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
 
 
 def build_lcm_lora_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Distill a Stable Diffusion teacher into an LCM-LoRA.")
+    parser = TrainingArgumentParser(description="Distill a Stable Diffusion teacher into an LCM-LoRA.")
     for add in (add_model_args, add_training_args, add_data_args, add_hub_args, add_lcm_args, add_lora_args):
         add(parser)
     parser.set_defaults(learning_rate=1e-4)  # diffusers LCM-LoRA script default
@@ -245,7 +294,7 @@ def build_lcm_lora_parser() -> argparse.ArgumentParser:
 
 
 def build_lcm_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Distill a Stable Diffusion teacher into a full LCM UNet.")
+    parser = TrainingArgumentParser(description="Distill a Stable Diffusion teacher into a full LCM UNet.")
     for add in (add_model_args, add_training_args, add_data_args, add_hub_args, add_lcm_args, add_full_args):
         add(parser)
     parser.set_defaults(learning_rate=1e-6)  # diffusers full LCM script default
@@ -253,7 +302,7 @@ def build_lcm_parser() -> argparse.ArgumentParser:
 
 
 def build_consistency_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Consistency distillation (cd), consistency training (ct) and iCT.")
+    parser = TrainingArgumentParser(description="Consistency distillation (cd), consistency training (ct) and iCT.")
     for add in (add_training_args, add_data_args, add_hub_args, add_consistency_args):
         add(parser)
     parser.set_defaults(learning_rate=1e-4, lr_warmup_steps=0, resolution=32)
@@ -263,40 +312,68 @@ def build_consistency_parser() -> argparse.ArgumentParser:
 def validate_training_args(args: argparse.Namespace) -> None:
     """Checks of the generic loop's flags (raises ValueError naming the flag)."""
     if args.resume_from_checkpoint is not None and args.resume_from_checkpoint != "latest":
-
         if not os.path.isdir(args.resume_from_checkpoint):
             raise ValueError(
-                f"--resume_from_checkpoint must be 'latest' or an existing checkpoint folder, got {args.resume_from_checkpoint!r}."
+                "--resume_from_checkpoint must be 'latest' or an existing checkpoint folder, got "
+                f"{args.resume_from_checkpoint!r}."
             )
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.push_to_hub and args.hub_model_id is None and not args.output_dir:
         raise ValueError("--push_to_hub needs --hub_model_id or a named --output_dir.")
+    for tracker in _trackers(args.report_to):
+        if not any(importlib.util.find_spec(package) for package in TRACKER_PACKAGES[tracker]):
+            raise ValueError(
+                f"--report_to {tracker} needs the {TRACKER_PACKAGES[tracker][0]} package, which is not installed: "
+                f"`pip install {TRACKER_PACKAGES[tracker][0]}`, or pass another --report_to (none for no tracker)."
+            )
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes: `pip install 'lcm-kit[8bit]'` (CUDA only).")
+
+
+def _trackers(report_to: str | None) -> list[str]:
+    if report_to in (None, "", "none"):
+        return []
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names == ["all"]:
+        return [t for t, packages in TRACKER_PACKAGES.items() if any(importlib.util.find_spec(p) for p in packages)]
+    unknown = [name for name in names if name not in TRACKER_PACKAGES]
+    if unknown:
+        raise ValueError(f"--report_to {report_to!r}: unknown tracker(s) {unknown}; choose from "
+                         f"{sorted(TRACKER_PACKAGES)}, all or none.")
+    return names
 
 
 def validate_data_args(args: argparse.Namespace) -> None:
+    """Checks of the data flags (raises ValueError naming the flag); the parser types check the same ranges, this
+    also covers a namespace built by hand."""
     if (args.dataset_name is None) == (args.train_shards_path_or_url is None):
         raise ValueError(
             "Exactly one of --dataset_name and --train_shards_path_or_url must be given, got "
             f"dataset_name={args.dataset_name!r}, train_shards_path_or_url={args.train_shards_path_or_url!r}."
         )
+    if args.dataset_config_name is not None and args.dataset_name is None:
+        raise ValueError(f"--dataset_config_name {args.dataset_config_name!r} needs --dataset_name (webdataset "
+                         "shards have no configurations).")
+    for flag, low, optional in (("resolution", 1, False), ("max_train_samples", 1, True),
+                                ("dataloader_num_workers", 0, False)):
+        value = getattr(args, flag)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{flag} must be an integer >= {low}, got {value!r}.")
+    if args.resolution % 8 != 0:
+        raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}.")
+    if not isinstance(args.skip_bad_samples, bool):
+        raise ValueError(f"--skip_bad_samples is a switch (True / False), got {args.skip_bad_samples!r}.")
 
 
 def validate_lcm_args(args: argparse.Namespace) -> None:
     if args.w_min > args.w_max:
         raise ValueError(f"--w_min must be <= --w_max, got w_min={args.w_min}, w_max={args.w_max}.")
-    if args.w_min < 0:
-        raise ValueError(f"--w_min must be >= 0 (w = 0 is no guidance), got {args.w_min}.")
-    if args.huber_c <= 0:
-        raise ValueError(f"--huber_c must be > 0, got {args.huber_c}.")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise ValueError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}.")
-    if hasattr(args, "ema_decay") and not 0.0 <= args.ema_decay < 1.0:
-        raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
-    if hasattr(args, "lora_dropout") and not 0.0 <= args.lora_dropout < 1.0:
-        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
-    if args.resolution % 8 != 0:
-        raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}.")
+    if args.validation_num_inference_steps > args.num_ddim_timesteps:
+        raise ValueError(
+            f"--validation_num_inference_steps {args.validation_num_inference_steps} is more than the distillation "
+            f"grid of --num_ddim_timesteps {args.num_ddim_timesteps} holds; use at most {args.num_ddim_timesteps}."
+        )
 
 
 def validate_consistency_args(args: argparse.Namespace) -> None:
@@ -312,20 +389,23 @@ def validate_consistency_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--mu0 only applies to --mode ct, got --mode {args.mode}.")
     if args.mode == "cd" and (args.s0 is not None or args.s1 is not None):
         raise ValueError("--s0 / --s1 only apply to --mode ct and ict.")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
+    if args.s0 is not None and args.s1 is not None and not args.s0 < args.s1:
+        raise ValueError(f"--s0 must be < --s1 (the curriculum grows from s0 to s1), got s0={args.s0}, s1={args.s1}.")
     if args.pretrained_unet is not None:
         for flag in ("block_out_channels", "layers_per_block", "dropout"):
             if getattr(args, flag) is not None:
                 raise ValueError(
                     f"--{flag} shapes a new UNet; it cannot apply to --pretrained_unet {args.pretrained_unet!r}."
                 )
-    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}.")
-    if args.validation_num_inference_steps < 1:
-        raise ValueError(f"--validation_num_inference_steps must be >= 1, got {args.validation_num_inference_steps}.")
-    if not 0 < args.sigma_min < args.sigma_max:
-        raise ValueError(f"need 0 < --sigma_min < --sigma_max, got {args.sigma_min}, {args.sigma_max}.")
+    if args.block_out_channels is not None:
+        try:
+            channels = [int(c) for c in args.block_out_channels.split(",")]
+        except ValueError:
+            channels = []
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"--block_out_channels must be comma-separated positive ints, got {args.block_out_channels!r}.")
+    if not args.sigma_min < args.sigma_max:
+        raise ValueError(f"need --sigma_min < --sigma_max, got {args.sigma_min}, {args.sigma_max}.")
     if args.class_names is not None and args.num_class_embeds is None:
         raise ValueError("--class_names needs --num_class_embeds.")
     if args.class_names is not None and len(args.class_names.split(",")) != args.num_class_embeds:

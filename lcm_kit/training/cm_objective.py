@@ -231,6 +231,8 @@ class CMObjective(TrainingObjective):
     def compute_loss(self, model, batch, step, generator):
         clean = self.encode(batch["pixel_values"].to(self.device), generator)
         labels = self.class_labels(batch["captions"])
+        if self.target is not None:
+            self.target.train(model.training)
         with self.accelerator.autocast():
             out = self.loss(model, clean, step, target_model=self.target, class_labels=labels, generator=generator)
         logs = {"num_scales": self.loss.num_scales(step), "target_ema_decay": self.loss.target_ema_decay(step)}
@@ -265,7 +267,11 @@ class CMObjective(TrainingObjective):
             return None
         labels = self.validation_labels()
         num = labels.shape[0] if labels is not None else 8
-        return self.generate(self.ema, num, labels, self.args.validation_num_inference_steps, self.args.seed)
+        images = self.generate(self.ema, num, labels, self.args.validation_num_inference_steps, self.args.seed)
+        if labels is not None:
+            for image, label in zip(images, labels.tolist()):
+                image.info["caption"] = self.class_names[label] if self.class_names else str(label)
+        return images
 
     def scheduler_config(self) -> dict:
         args = self.args
@@ -290,8 +296,9 @@ class CMObjective(TrainingObjective):
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy for a target / EMA network: no gradients."""
-    return copy.deepcopy(module).requires_grad_(False).eval()
+    """A copy for a target / EMA network: no gradients, in the online network's mode (the target pass replays the
+    online pass's dropout masks, which needs the same mode)."""
+    return copy.deepcopy(module).requires_grad_(False)
 
 
 def train_consistency_model(args, hub_client=None, command: Sequence[str] | None = None):

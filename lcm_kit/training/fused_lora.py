@@ -42,6 +42,12 @@ def lora_fusion_blockers(unet, adapter_name: str = "default") -> dict[str, str]:
     return blockers
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for device types autocast does not know (``meta``, where
+    ``torch.is_autocast_enabled`` raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _fused_lora_forward_fn(layer, adapter_name: str, peft_forward):
     """``layer``'s forward as ONE linear / conv with the effective weight ``W + s·B·A``.
 
@@ -64,7 +70,7 @@ def _fused_lora_forward_fn(layer, adapter_name: str, peft_forward):
             return peft_forward(x, *args, **kwargs)
         weight = base.weight + layer.get_delta_weight(adapter_name)
         bias = base.bias
-        if not torch.is_autocast_enabled(x.device.type):
+        if not _autocast_enabled(x.device.type):
             # without autocast the op runs in the input's dtype, as the base layer would
             weight = weight.to(x.dtype)
             bias = None if bias is None else bias.to(x.dtype)

@@ -1,150 +1,48 @@
-"""Publishing what a run trained: model cards (one renderer), secret-free saved arguments, the Hub upload.
+"""Publishing what a run trained: model cards (one renderer) and the Hub upload; secrets are masked by
+:mod:`lcm_kit.training.redaction`.
 
     card = render_model_card("runwayml/stable-diffusion-v1-5", "me/lcm-lora-sd15", lora=True,
                              training_command=training_command(), license=license_from_model_folder_or_card(teacher),
                              validation_image="validation.png")
     push_to_hub(output_dir, "me/lcm-lora-sd15", token=args.hub_token, model_card=card)
 
-Secrets: ``args_for_saving`` drops every argument whose name looks like a credential (``hub_token``,
-``*_api_key``, ``*_password``...) and masks Hugging Face token-shaped strings in the rest; the training command
-rendered into a card goes through ``redact_command``. The token itself is only ever handed to ``HfApi``.
+Every card goes through ``redact_text`` and its training command through ``redact_command``; the token itself is
+only ever handed to ``HfApi``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import re
-import shlex
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData, try_to_load_from_cache
 
+from .redaction import redact_command, redact_text, training_command
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
-    "args_for_saving",
     "hub_repo_id",
-    "is_secret_name",
     "license_from_model_folder_or_card",
     "push_to_hub",
     "push_training_outputs",
-    "redact_command",
-    "redact_text",
     "render_card",
     "render_consistency_model_card",
     "render_lcm_model_card",
     "render_model_card",
-    "training_command",
-    "write_training_args",
 ]
 
-REDACTED = "<redacted>"
-#: Argument names treated as secrets: a credential word as a whole ``_``-separated part (``hub_token``,
-#: ``wandb_api_key``, ``password``), but not ``tokenizer_name`` or ``max_tokens``.
-_SECRET_NAME = re.compile(
-    r"(^|_)(token|secret|password|passwd|api_key|apikey|access_key|secret_key|credentials?|auth)($|_)", re.I
-)
-#: Hugging Face user access tokens (and similar bearer strings) wherever they show up.
-_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 #: Never uploaded: training state, caches, temporary and hidden files.
 DEFAULT_IGNORE_PATTERNS = (
     "checkpoint-*", "*/checkpoint-*", "step_*", "epoch_*", "*.tmp", "*.tmp-*", ".*", "*/.*", "*cache*/*",
     "*.lock",
 )
 _STANDARD_TAGS = ("lcm", "diffusers", "text-to-image", "lcm-kit")
-
-
-def is_secret_name(name: str) -> bool:
-    """True for argument names that hold credentials (``hub_token``, ``report_api_key``, ``password``...)."""
-    return bool(_SECRET_NAME.search(name.lstrip("-").replace("-", "_")))
-
-
-def redact_text(text: str) -> str:
-    """Mask Hugging Face token-shaped strings (``hf_...``) in free text."""
-    return _TOKEN_VALUE.sub(REDACTED, text)
-
-
-def _to_plain(value: Any) -> Any:
-    """JSON-able copy: paths and other objects become strings; token-shaped strings are masked."""
-    if isinstance(value, str):
-        return redact_text(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if isinstance(value, os.PathLike):
-        return redact_text(os.fspath(value))
-    if isinstance(value, Mapping):
-        return {str(k): (REDACTED if is_secret_name(str(k)) else _to_plain(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_to_plain(v) for v in value]
-    return redact_text(str(value))
-
-
-def args_for_saving(args: Any) -> dict:
-    """The training arguments as a JSON-able dict with every secret-looking field dropped.
-
-    ``args``: an ``argparse.Namespace``, a dataclass instance or a mapping. Fields named like credentials
-    (see :func:`is_secret_name`) are removed; any other value that looks like a Hugging Face token is masked.
-    """
-    if isinstance(args, Mapping):
-        items = dict(args)
-    elif dataclasses.is_dataclass(args) and not isinstance(args, type):
-        items = {field.name: getattr(args, field.name) for field in dataclasses.fields(args)}
-    elif hasattr(args, "__dict__"):
-        items = dict(vars(args))
-    else:
-        raise TypeError(f"args must be an argparse.Namespace, a dataclass or a mapping, got {type(args).__name__}")
-    return {str(k): _to_plain(v) for k, v in items.items() if not is_secret_name(str(k))}
-
-
-def write_training_args(args: Any, output_dir: str | os.PathLike, filename: str = "training_args.json") -> Path:
-    """Write :func:`args_for_saving` as JSON into ``output_dir`` (the secret-free record of a run)."""
-    path = Path(output_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(args_for_saving(args), indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def redact_command(command: str | Sequence[str]) -> str:
-    """A shell-quoted command line with the values of secret flags (``--hub_token X``, ``--hub_token=X``) and any
-    token-shaped string replaced by ``<redacted>``."""
-    if isinstance(command, str):
-        try:
-            parts = shlex.split(command)
-        except ValueError:  # unbalanced quotes: fall back to whitespace, still redacting
-            parts = command.split()
-    else:
-        parts = [str(part) for part in command]
-    redacted, hide_next = [], False
-    for part in parts:
-        if hide_next:
-            redacted.append(REDACTED)
-            hide_next = False
-            continue
-        if part.startswith("-") and is_secret_name(part.split("=", 1)[0]):
-            if "=" in part:
-                redacted.append(part.split("=", 1)[0] + "=" + REDACTED)
-            else:
-                redacted.append(part)
-                hide_next = True
-            continue
-        redacted.append(redact_text(part))
-    return shlex.join(redacted)
-
-
-def training_command(argv: Sequence[str] | None = None, launcher: str = "accelerate launch") -> str:
-    """The command that started this run (``sys.argv`` by default), secrets redacted, ready for a model card."""
-    argv = list(sys.argv if argv is None else argv)
-    if argv and argv[0].endswith(".py"):
-        argv[0] = os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
-    command = redact_command(argv)
-    return f"{launcher} {command}" if launcher else command
 
 
 def license_from_model_folder_or_card(path_or_id: str | os.PathLike | None) -> str | None:
@@ -164,7 +62,6 @@ def license_from_model_folder_or_card(path_or_id: str | os.PathLike | None) -> s
         card_path = path
     else:
         try:
-
             cached = try_to_load_from_cache(str(path_or_id), "README.md")
         except Exception:  # not a valid repo id: nothing cached to read
             cached = None
@@ -316,7 +213,6 @@ def push_to_hub(
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a non-empty string like 'owner/name', got {repo_id!r}")
     if client is None:
-
         client = HfApi(token=token)
     if model_card is not None:
         (folder / "README.md").write_text(model_card, encoding="utf-8")

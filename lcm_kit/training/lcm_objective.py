@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -189,9 +189,12 @@ class LCMObjective(TrainingObjective):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The VAE posterior's parameters (mean and log-variance channels). The latent is *sampled* from them at
-        each training step, so a cached run trains on the same distribution as an uncached one."""
-        return self.vae.encode(pixel_values.to(self.device, torch.float32)).latent_dist.parameters.float()
+        """The VAE posterior's parameters (mean and log-variance channels), ``--vae_encode_batch_size`` images at a
+        time. The latent is *sampled* from them at each training step, so a cached run trains on the same
+        distribution as an uncached one."""
+        pixel_values = pixel_values.to(self.device, torch.float32)
+        chunks = pixel_values.split(self.args.vae_encode_batch_size)
+        return torch.cat([self.vae.encode(chunk).latent_dist.parameters.float() for chunk in chunks])
 
     def latents_from_posterior(self, parameters: torch.Tensor, generator) -> torch.Tensor:
         posterior = DiagonalGaussianDistribution(parameters.to(self.device, torch.float32))
@@ -250,7 +253,7 @@ class LCMObjective(TrainingObjective):
         def w_embedding(w):
             if self.mode != "full":
                 return None
-            return guidance_scale_embedding(w, self.guidance_embedding_dim).to(device)
+            return guidance_scale_embedding(w, self.guidance_embedding_dim)
 
         def student(x, t, w):
             # (the prepared module already autocasts; this also covers an objective used without prepare)
@@ -290,13 +293,22 @@ class LCMObjective(TrainingObjective):
         """The network users get: the EMA target (full) or the student with its adapter (LoRA)."""
         return self.target_unet if self.mode == "full" else model
 
+    def inference_scheduler(self) -> ConsistencyScheduler:
+        """The scheduler the distilled model samples with: the teacher's noise schedule on the distillation grid
+        (``--num_ddim_timesteps``) with the boundary scalings it was trained with (``--timestep_scaling_factor``)."""
+        return ConsistencyScheduler.from_config(
+            self.teacher_scheduler_config,
+            original_inference_steps=self.config.num_ddim_timesteps,
+            timestep_scaling=self.config.timestep_scaling_factor,
+        )
+
     def validation_pipeline(self, model):
         return LCMPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=self.inference_unet(model),
-            scheduler=ConsistencyScheduler.from_config(self.teacher_scheduler_config),
+            scheduler=self.inference_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -330,6 +342,8 @@ class LCMObjective(TrainingObjective):
                 ).images
         finally:
             unet.train(was_training)
+        for image, prompt in zip(images, prompts):
+            image.info["caption"] = prompt  # the grid's label
         return images
 
     def save_final(self, model, output_dir):
@@ -340,10 +354,17 @@ class LCMObjective(TrainingObjective):
             if self.args.export_kohya:
                 written.append(str(export_kohya(model, output_dir / "pytorch_lora_weights_kohya.safetensors")))
         else:
-
-            self.target_unet.save_pretrained(output_dir / "unet", safe_serialization=True)
-            LCMScheduler.from_config(self.teacher_scheduler_config).save_pretrained(output_dir / "scheduler")
-            written += [str(output_dir / "unet"), str(output_dir / "scheduler")]
+            # A complete pipeline folder (the teacher's VAE, text encoder and tokenizer, the EMA target UNet, its
+            # scheduler), loadable by lcm-kit and stock LatentConsistencyModelPipeline; the text encoder is saved
+            # in float32 whatever precision it trained in.
+            text_encoder_dtype = next(self.text_encoder.parameters()).dtype
+            self.text_encoder.to(torch.float32)
+            try:
+                self.validation_pipeline(model).save_pretrained(output_dir, safe_serialization=True)
+            finally:
+                self.text_encoder.to(text_encoder_dtype)
+            written += [str(output_dir / name) for name in ("model_index.json", "unet", "scheduler", "vae",
+                                                            "text_encoder", "tokenizer")]
         return written
 
 
@@ -364,11 +385,19 @@ def load_teacher_components(args) -> dict:
             f"--pretrained_teacher_model={source!r} is not a diffusers Stable Diffusion folder or Hub id "
             f"(no scheduler/ found): {error}"
         ) from error
+    if args.pretrained_vae_model_name_or_path:
+        vae_source = args.pretrained_vae_model_name_or_path
+        try:
+            vae = AutoencoderKL.from_pretrained(vae_source, subfolder="vae", **common)
+        except (OSError, ValueError):
+            vae = AutoencoderKL.from_pretrained(vae_source, **common)
+    else:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
     return dict(
         scheduler=scheduler,
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common),
+        vae=vae,
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common),
     )
 
@@ -389,7 +418,7 @@ def build_train_dataloader(args, source, objective: LCMObjective, accelerator):
             random_flip=args.random_flip,
             cache_dir=cache_dir,
             fingerprint=objective.cache_fingerprint(),
-            batch_size=args.train_batch_size,
+            batch_size=args.vae_encode_batch_size,
             seed=args.seed,
         )
     return build_dataloader_from_args(args, cache)

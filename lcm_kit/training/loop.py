@@ -16,9 +16,11 @@ See :class:`TrainingObjective` for what an objective implements.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,24 +28,22 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from ..utils import ema_update_, unwrap_model
+from ..utils import captioned_grid, ema_update_, unwrap_model
 from .checkpoints import (
+    NonFiniteLossError,
     list_checkpoints,
-    read_checkpoint_step,
+    mark_poisoned_checkpoints,
+    read_checkpoint_state,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from .hub import args_for_saving, write_training_args
+from .data import skipped_sample_count
+from .redaction import SecretFilter, args_for_saving, write_training_args
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss becomes NaN/inf; the weights of the last checkpoint are left untouched."""
 
 
 class TrainingObjective:
@@ -117,6 +117,12 @@ def create_accelerator(args, *, cpu: bool | None = None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         **kwargs,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type not in ("cuda", "xpu", "npu", "mlu", "musa"):
+        raise ValueError(
+            f"--mixed_precision fp16 needs a GPU, but this run is on {accelerator.device.type}: use --mixed_precision "
+            "bf16 (or no) there; fp16 gradient scaling only exists for accelerators."
+        )
+    configure_logging(accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -125,6 +131,18 @@ def create_accelerator(args, *, cpu: bool | None = None):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
+
+
+def configure_logging(accelerator) -> None:
+    """INFO from lcm-kit on the main process (its configuration, checkpoints, summary), warnings elsewhere; every
+    handler masks secrets (:class:`~lcm_kit.training.redaction.SecretFilter`)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in root.handlers:
+        if not any(isinstance(f, SecretFilter) for f in handler.filters):
+            handler.addFilter(SecretFilter())
+    logging.getLogger("lcm_kit").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
 
 
 def weight_dtype_for(accelerator) -> torch.dtype:
@@ -173,16 +191,11 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The objective's trainable_model() has no trainable parameters (requires_grad=True).")
+    start_time = time.time()
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = _optimizer(args, params, learning_rate)
 
     batches_per_epoch = _dataloader_length(train_dataloader)
     if batches_per_epoch is None and args.max_train_steps is None:
@@ -215,6 +228,11 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
     if accelerator.log_with:  # every rank calls it; Accelerate starts the trackers on rank 0 only
         project = args.tracker_project_name or getattr(objective, "name", "lcm-kit")
         accelerator.init_trackers(project, config=_tracker_config(args_for_saving(args)))
+    if accelerator.is_main_process:
+        logger.info("%s: %d optimiser steps, %d process(es), device %s, mixed precision %s; configuration:\n%s",
+                    getattr(objective, "name", "training"), max_train_steps, accelerator.num_processes,
+                    accelerator.device, accelerator.mixed_precision,
+                    json.dumps(args_for_saving(args), indent=1, sort_keys=True))
 
     # ---- resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -224,7 +242,12 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(str(checkpoint))
-        global_step = read_checkpoint_step(checkpoint)
+        state = read_checkpoint_state(checkpoint)
+        global_step = state["global_step"]
+        previous_lr = state.get("learning_rate", learning_rate)
+        if previous_lr != learning_rate:
+            _replace_learning_rate(optimizer, lr_scheduler, previous_lr, learning_rate)
+            accelerator.print(f"Learning rate {previous_lr:g} of {checkpoint.name} replaced by {learning_rate:g}.")
         if steps_per_epoch is not None:
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -254,7 +277,10 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
             with accelerator.accumulate(model):
                 generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, device)
                 loss, logs = objective.compute_loss(model, batch, global_step, generator)
-                _check_finite(accelerator, loss, global_step, args.output_dir)
+                # One host sync per micro-step: the ranks' losses, for the guard (before anything is applied) and
+                # the log.
+                rank_losses = accelerator.gather(loss.detach().float().reshape(1)).tolist()
+                _check_finite(accelerator, rank_losses, global_step, learning_rate, args.output_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -268,7 +294,7 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
             for module, decay in averaged.values():
                 ema_update_(module, unwrap_model(model), decay(global_step))
             global_step += 1
-            loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            loss_value = sum(rank_losses) / len(rank_losses)
             result.last_loss = loss_value
             lr = lr_scheduler.get_last_lr()[0]
             progress.update(1)
@@ -276,7 +302,7 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
             accelerator.log({"loss": loss_value, "lr": lr, **logs}, step=global_step)
 
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
+                save_checkpoint(accelerator, args, global_step, model, learning_rate)
             if global_step % args.validation_steps == 0:
                 grid = run_validation(accelerator, objective, model, args, global_step)
                 if grid:
@@ -288,34 +314,70 @@ def run_training(args, accelerator, objective, train_dataloader) -> TrainingResu
 
     accelerator.wait_for_everyone()
     result.global_step = global_step
+    result.model = unwrap_model(model)
     if accelerator.is_main_process:
+        # The weights first: a failing final validation must not cost the finished run.
+        result.output_files = list(objective.save_final(result.model, args.output_dir))
+        result.output_files.append(str(write_training_args(args, args.output_dir)))
+        logger.info("Saved the trained outputs: %s", ", ".join(result.output_files))
         if not result.validation_grids or not result.validation_grids[-1].endswith(f"{global_step:06d}.png"):
             grid = run_validation(accelerator, objective, model, args, global_step, sync=False)
             if grid:
                 result.validation_grids.append(grid)
-        result.output_files = list(objective.save_final(unwrap_model(model), args.output_dir))
-        result.output_files.append(str(write_training_args(args, args.output_dir)))
+        skipped = skipped_sample_count(train_dataloader)
+        if skipped:
+            logger.warning("--skip_bad_samples: %d bad sample(s) skipped in this run (each named in a warning above)",
+                           skipped)
+        logger.info("Finished %d steps in %.0f s; last loss %s; validation grids: %s", global_step,
+                    time.time() - start_time, f"{result.last_loss:.4g}" if result.last_loss is not None else "-",
+                    ", ".join(result.validation_grids) or "none")
     accelerator.wait_for_everyone()
-    result.model = unwrap_model(model)
     accelerator.end_training()
     return result
 
 
-def _check_finite(accelerator, loss: torch.Tensor, step: int, output_dir: str) -> None:
-    """Stop every rank together when any rank's loss is not finite (before it can reach the weights)."""
-    flags = accelerator.gather(torch.isfinite(loss.detach().float()).reshape(1))
-    if bool(flags.all()):
+def _check_finite(accelerator, rank_losses: list[float], step: int, learning_rate: float, output_dir: str) -> None:
+    """Stop every rank together when any rank's loss is not finite, before it reaches the weights. The checkpoints
+    whose weights gave it (those of this step and later) are set aside as ``*.poisoned``; the error names the
+    newest one left."""
+    if all(math.isfinite(value) for value in rank_losses):
         return
+    poisoned = mark_poisoned_checkpoints(output_dir, step) if accelerator.is_main_process else []
+    accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(output_dir)
-    kept = (
-        f"The last good checkpoint is {checkpoints[-1]} (resume with --resume_from_checkpoint latest, e.g. with a "
-        "lower --learning_rate)."
-        if checkpoints
-        else "No checkpoint was written before this step."
-    )
+    advice = f"a lower --learning_rate (e.g. {learning_rate / 10:g}; this run used {learning_rate:g})"
+    if checkpoints:
+        kept = (f"The newest checkpoint before the divergence is {checkpoints[-1]}: resume it with "
+                f"--resume_from_checkpoint latest and {advice}.")
+    else:
+        kept = f"No checkpoint was written before the divergence: start again with {advice}."
+    if poisoned:
+        kept += f" Set aside (their weights gave this loss): {', '.join(str(p) for p in poisoned)}."
     raise NonFiniteLossError(
-        f"Non-finite loss ({loss.detach().float().item()}) at step {step}: training stopped before applying it. {kept}"
+        f"Non-finite loss ({rank_losses}) at step {step}: training stopped before applying it. {kept}"
     )
+
+
+def _optimizer(args, params, learning_rate: float):
+    if args.use_8bit_adam:
+        import bitsandbytes  # optional: pip install 'lcm-kit[8bit]'
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def _replace_learning_rate(optimizer, lr_scheduler, previous: float, new: float) -> None:
+    """Rescale a resumed run's learning rate: the schedule's position is kept, its base becomes ``new``."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    ratio = new / previous
+    scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
 
 
 def run_validation(accelerator, objective, model, args, global_step: int, sync: bool = True) -> str | None:
@@ -325,8 +387,7 @@ def run_validation(accelerator, objective, model, args, global_step: int, sync: 
     if accelerator.is_main_process:
         images = objective.validate(unwrap_model(model), global_step)
         if images:
-
-            grid = make_image_grid(list(images), rows=1, cols=len(images))
+            grid = captioned_grid(list(images))  # captions from image.info["caption"] (the prompt or class)
             folder = Path(args.output_dir) / "validation"
             folder.mkdir(parents=True, exist_ok=True)
             path = str(folder / f"step-{global_step:06d}.png")

@@ -42,6 +42,18 @@ Streamed shards: the sample id is a hash of shard URL and key, shards are reshuf
 dealt to workers, then a shuffle buffer seeded by ``(seed, epoch, worker)`` mixes them: the same seed, epoch
 and ``num_workers`` give the same stream.
 
+Checks and bad samples. :func:`load_train_dataset` checks the data before anything else runs
+(:func:`check_train_dataset`): the dataset has samples (its length, from the metadata), the columns exist and
+have usable types, and the first sample decodes, has a caption and is big enough for ``resolution`` (one sample
+read, never the whole dataset); local shards must be tar archives (their first bytes are read). Any later failure
+raises :class:`BadSampleError` (a ``ValueError``) naming the sample (index or key), its file and its shard, from
+the library's original error, also across DataLoader worker processes; a damaged shard raises
+:class:`BadShardError`. With ``skip_bad_samples=True`` (``--skip_bad_samples``) each bad sample is logged by
+name with a running count instead (:func:`skipped_sample_count` reads the count): a map-style source serves the
+next index that reads in its place, with the bad index's own random draws, so the length, the shuffle order,
+every good sample and resuming stay exactly as they are (the replacement is seen twice that epoch); a stream drops
+it. Shards that are missing, not tar archives or damaged are left out, each named in a warning.
+
 Encoded cache (`build_encoded_cache`). The dataset is preprocessed and encoded once (VAE latents and/or text
 embeddings) into safetensors shards under ``cache_dir/<key>/``; the key hashes the caller's model fingerprint,
 the preprocessing parameters, the dataset identity (paths with sizes and modification times, or the datasets
@@ -52,29 +64,35 @@ one per sample with the loader's seed.
 """
 
 from .cache import EncodedCache, build_encoded_cache, encoded_cache_key
-from .load import load_train_dataset, load_train_dataset_from_args
-from .loader import EpochDataLoader, EpochSampler, build_dataloader, build_dataloader_from_args
+from .errors import BadSampleError, BadShardError, SkippedSamples
+from .load import check_train_dataset, load_train_dataset, load_train_dataset_from_args
+from .loader import EpochDataLoader, EpochSampler, build_dataloader, build_dataloader_from_args, skipped_sample_count
 from .shards import WebDatasetShards, WebDatasetStream, expand_shard_pattern
 from .sources import CAPTION_COLUMN_CANDIDATES, IMAGE_COLUMN_CANDIDATES, DatasetsSource, TextImageSource
 from .transforms import collate_text_image, preprocess_image
 
 __all__ = [
+    "BadSampleError",
+    "BadShardError",
     "CAPTION_COLUMN_CANDIDATES",
     "IMAGE_COLUMN_CANDIDATES",
     "DatasetsSource",
     "EncodedCache",
     "EpochDataLoader",
     "EpochSampler",
+    "SkippedSamples",
     "TextImageSource",
     "WebDatasetShards",
     "WebDatasetStream",
     "build_dataloader",
     "build_dataloader_from_args",
     "build_encoded_cache",
+    "check_train_dataset",
     "collate_text_image",
     "encoded_cache_key",
     "expand_shard_pattern",
     "load_train_dataset",
     "load_train_dataset_from_args",
     "preprocess_image",
+    "skipped_sample_count",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .examples import PreprocessedDataset, StreamingPreprocessedDataset, split_item
+from .examples import PreprocessedDataset, StreamingPreprocessedDataset, read_example, split_item
 from .sources import TextImageSource
 from .transforms import check_resolution, choose_caption, collate_text_image, preprocess_image, sample_rng
 
@@ -124,12 +124,14 @@ class EncodedCache(Dataset):
                 continue
             example[name] = self._row("latents_flipped" if flip and name == "latents" else name, index)
         if not self.has_latents:
-            # Replay the encode-time draws (caption choice, then crop) so the crop matches the cached captions.
-            image, raw_caption = self.source.get_raw(index)
-            rng = sample_rng(self.crop_seed, 0, index)
-            choose_caption(raw_caption, rng, f"sample {index}")
-            example["pixel_values"] = preprocess_image(image, self.resolution, self.center_crop, False, rng,
-                                                       flip=flip)
+            # Replay the encode-time draws (caption choice, then crop) so the crop matches the cached captions;
+            # read_example picks the same replacement for a bad sample as the encode pass did.
+            def make(image, raw_caption):
+                rng = sample_rng(self.crop_seed, 0, index)
+                choose_caption(raw_caption, rng)
+                return preprocess_image(image, self.resolution, self.center_crop, False, rng, flip=flip)
+
+            example["pixel_values"] = read_example(self.source, index, make)
         example["captions"] = self.captions[index]
         return example
 
@@ -193,6 +195,9 @@ def build_encoded_cache(
         total = len(source) if source.is_map_style else None
         num_samples, tensor_names, captions = _encode_into(tmp, examples, total, bool(random_flip), encode_images,
                                                            encode_prompts, samples_per_shard)
+        if source.num_skipped_samples:
+            logger.warning("skip_bad_samples: %d bad sample(s) skipped while encoding the cache (each one named "
+                           "in an earlier warning)", source.num_skipped_samples)
         (tmp / "captions.json").write_text(json.dumps(captions))
         meta = {"num_samples": num_samples, "samples_per_shard": samples_per_shard,
                 "tensor_names": tensor_names, "material": material}

@@ -120,3 +120,11 @@ def build_dataloader_from_args(args, source) -> EpochDataLoader:
         num_workers=args.dataloader_num_workers,
         seed=args.seed,
     )
+
+
+def skipped_sample_count(loader) -> int:
+    """Bad samples skipped so far (``skip_bad_samples``) by the loader's source in this process and its workers;
+    ``loader`` is one from :func:`build_dataloader`, also once ``accelerator.prepare`` has wrapped it. 0 when none
+    were skipped or the loader reads an encoded cache (skips while encoding are logged then)."""
+    source = getattr(getattr(loader, "dataset", None), "source", None)
+    return source.num_skipped_samples if isinstance(source, TextImageSource) else 0

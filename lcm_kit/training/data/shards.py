@@ -7,8 +7,9 @@ import itertools
 import json
 import logging
 import random
+import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from braceexpand import UnbalancedBracesError, braceexpand
 
+from .errors import BadSampleError, BadShardError, SkippedSamples
 from .sources import DatasetsSource, TextImageSource, file_identity, resolve_column
 from .transforms import open_image
 
@@ -58,6 +60,61 @@ def is_plain_tar(path: Path) -> bool:
     return len(magic) >= 262 and magic[257:262] == b"ustar"
 
 
+# Leading bytes of the compressions tarfile / webdataset read: gzip, bzip2, xz, zstandard.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why a local shard is not a tar archive (empty, other content), or ``None``; reads its first bytes only."""
+    with open(path, "rb") as handle:
+        head = handle.read(262)
+    if not head:
+        return "is empty (0 bytes)"
+    if (len(head) >= 262 and head[257:262] == b"ustar") or head.startswith(_COMPRESSED_MAGIC):
+        return None
+    try:  # a tar without the ustar magic (old v7 format) still opens
+        with tarfile.open(path, "r:") as archive:
+            if archive.next() is not None:
+                return None
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return f"is not a tar archive (it starts with {head[:16]!r})"
+
+
+def tar_damage(path: Path) -> str | None:
+    """Why a local shard cannot be read to its end (a truncated or damaged archive), or ``None``. Reads every
+    member header (a compressed shard is decompressed on the way)."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for _member in archive:
+                pass
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_local_shards(shards: Sequence[str], skip_bad: bool, skipped=None) -> list[str]:
+    """The local shards that are tar archives; a shard that is not raises :class:`BadShardError` naming it, or,
+    with ``skip_bad``, is left out with a warning (counted in ``skipped``)."""
+    kept = []
+    for shard in shards:
+        if shard.startswith(URL_PREFIXES):
+            kept.append(shard)
+            continue
+        problem = shard_problem(Path(shard).expanduser())
+        if problem is None:
+            kept.append(shard)
+            continue
+        error = BadShardError(f"train_shards_path_or_url: shard {shard!r} {problem}", shard)
+        if not skip_bad:
+            raise error
+        if skipped is not None:
+            skipped.add(error, "this shard is left out")
+    if not kept:
+        raise ValueError(f"train_shards_path_or_url: none of the {len(shards)} shards is a tar archive")
+    return kept
+
+
 def _import_webdataset():
     try:
         import webdataset
@@ -67,18 +124,58 @@ def _import_webdataset():
     return webdataset
 
 
-def _open_shards(webdataset, shards: Sequence[str], split_by_worker: bool):
-    """A webdataset pipeline over ``shards`` in the given order, yielding ``{"__key__", "__url__", ext: bytes}``.
-
+def _open_shard(webdataset, shard: str):
+    """A webdataset pipeline over one shard, yielding ``{"__key__", "__url__", ext: bytes}``. (Shards are read one at
+    a time so a reading failure can name its shard; workers are dealt shards by :meth:`WebDatasetStream.iter_raw`.
     No node splitter: accelerate dispatches the batches of an iterable loader from process 0, which must therefore
-    read every shard."""
-    return webdataset.WebDataset(list(shards), shardshuffle=False, nodesplitter=None,
-                                 workersplitter=webdataset.split_by_worker if split_by_worker else None,
-                                 empty_check=False)
+    read every shard.)"""
+    # The bare pipeline, not `webdataset.WebDataset`: 0.2.x always appends `split_by_worker` (a worker's one shard
+    # would go to worker 0 only) and has no `workersplitter` / `empty_check` arguments to turn it off.
+    return webdataset.DataPipeline(webdataset.SimpleShardList([shard]), webdataset.tarfile_to_samples())
+
+
+def _shard_error(shard: str, error: BaseException, after: str | None) -> BadShardError:
+    """A reading failure of ``shard`` (truncated tar, not a tar, unreadable URL) as an error naming it."""
+    where = f"past sample {after!r}" if after is not None else "(no sample of it was read)"
+    # webdataset appends the stream and URL to the exception's arguments, and " @ <stream>" to the first one.
+    message = str(error.args[0]).split(" @ <")[0] if error.args else ""
+    return BadShardError(f"train_shards_path_or_url: shard {shard!r} cannot be read {where}: "
+                         f"{type(error).__name__}: {message}", shard)
+
+
+def _shard_samples(webdataset, shard: str) -> Iterator[dict]:
+    """The samples of one shard; a reading failure raises :class:`BadShardError` naming the shard (samples
+    before the failure have been yielded)."""
+    last = None
+    try:
+        for sample in _open_shard(webdataset, shard):
+            last = sample.get("__key__")
+            yield sample
+    except Exception as error:  # tarfile / gzip / gopen / webdataset grouping errors
+        raise _shard_error(shard, error, last) from error
 
 
 def _peek(shard: str) -> list[dict]:
-    return list(itertools.islice(_open_shards(_import_webdataset(), [shard], False), PEEK_SAMPLES))
+    return list(itertools.islice(_shard_samples(_import_webdataset(), shard), PEEK_SAMPLES))
+
+
+def _peek_first(shards: Sequence[str], skip_bad: bool, skipped) -> tuple[list[dict], list[str]]:
+    """The first samples of the first readable shard and the shards left; with ``skip_bad`` unreadable or empty
+    leading shards are skipped (and counted), otherwise they raise naming the shard."""
+    shards = list(shards)
+    while shards:
+        try:
+            peeked = _peek(shards[0])
+            if not peeked:
+                raise BadShardError(f"train_shards_path_or_url: the first shard {shards[0]!r} holds no samples",
+                                    shards[0])
+            return peeked, shards
+        except BadShardError as error:
+            if not skip_bad:
+                raise
+            skipped.add(error, "this shard is left out")
+            shards.pop(0)
+    raise ValueError("train_shards_path_or_url: no shard can be read (every one was skipped)")
 
 
 def _detect_columns(samples: Sequence[Mapping], image_column, caption_column) -> tuple[str, str]:
@@ -132,38 +229,80 @@ class WebDatasetShards(DatasetsSource):
     Arrow cache and read map-style (known length, exact shuffling and resuming)."""
 
     def __init__(self, shards: Sequence[str], image_column: str | None, caption_column: str | None,
-                 max_train_samples: int | None = None, cache_dir: str | None = None):
-        import datasets
-
-        self.shards = [str(Path(s).expanduser().resolve()) for s in shards]
-        peeked = _peek(self.shards[0])
-        if not peeked:
-            raise ValueError(f"train_shards_path_or_url: the first shard {self.shards[0]!r} holds no samples")
+                 max_train_samples: int | None = None, cache_dir: str | None = None, skip_bad_samples: bool = False,
+                 skipped: SkippedSamples | None = None):
+        self.set_skip_bad_samples(skip_bad_samples, skipped)
+        shards = [str(Path(s).expanduser().resolve()) for s in shards]
+        peeked, shards = _peek_first(check_local_shards(shards, skip_bad_samples, self.skipped), skip_bad_samples,
+                                     self.skipped)
         image_column, caption_column = _detect_columns(peeked, image_column, caption_column)
         caption_feature, self._json_key = _caption_feature(peeked, caption_column)
+        dataset, self.shards = self._convert(shards, image_column, caption_column, caption_feature, cache_dir)
+        dataset = _drop_incomplete(dataset, image_column, caption_column)
+        super().__init__(dataset, image_column, caption_column,
+                         description={"kind": "webdataset", "files": file_identity([Path(s) for s in self.shards])},
+                         max_train_samples=max_train_samples, name_columns=("__key__", "__url__"))
+
+    def _convert(self, shards, image_column, caption_column, caption_feature, cache_dir):
+        """``(dataset, shards converted)``. A shard that fails the conversion is named (datasets' error names
+        none); with skip_bad_samples the damaged shards are left out and the others converted."""
+        import datasets
+
         # Declaring the features keeps only these columns: the builder's own inference from the first samples
         # fails on metadata members whose fields change type (e.g. json null first, then a string).
         features = datasets.Features({image_column: datasets.Image(), caption_column: caption_feature,
                                       "__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
-        dataset = datasets.load_dataset("webdataset", data_files=self.shards, split="train", features=features,
-                                        cache_dir=cache_dir)
-        dataset = _drop_incomplete(dataset, image_column, caption_column)
-        super().__init__(dataset, image_column, caption_column,
-                         description={"kind": "webdataset", "files": file_identity([Path(s) for s in self.shards])},
-                         max_train_samples=max_train_samples)
+        try:
+            return datasets.load_dataset("webdataset", data_files=shards, split="train", features=features,
+                                         cache_dir=cache_dir), shards
+        except Exception as error:
+            # Find the culprit (this reads the shards again, on failure only): a damaged archive, else a member the
+            # builder cannot decode (a .txt that is not UTF-8, a .json that is not JSON).
+            damaged = {shard: BadShardError(f"train_shards_path_or_url: shard {shard!r} is damaged: {problem}", shard)
+                       for shard in shards if (problem := tar_damage(Path(shard))) is not None}
+            if not damaged:
+                damaged = {shard: bad for shard in shards if (bad := _undecodable_member(shard)) is not None}
+            if not damaged:
+                cause = error.__cause__ or error.__context__
+                raise ValueError(
+                    f"train_shards_path_or_url: datasets could not convert the shards {shards}: "
+                    f"{type(error).__name__}: {error}" + (f" (caused by {type(cause).__name__}: {cause})" if cause
+                                                          else "")) from error
+            if not self.skip_bad_samples:
+                raise next(iter(damaged.values())) from error
+            for bad in damaged.values():
+                self.skipped.add(bad, "this shard is left out (datasets converts whole shards)")
+        kept = [shard for shard in shards if shard not in damaged]
+        if not kept:
+            raise ValueError("train_shards_path_or_url: no shard can be converted, e.g. "
+                             f"{next(iter(damaged.values()))}")
+        return datasets.load_dataset("webdataset", data_files=kept, split="train", features=features,
+                                     cache_dir=cache_dir), kept
+
+    def _caption_feature_ok(self, feature) -> bool:
+        return True  # built by _caption_feature from the members themselves
+
+    def describe_sample(self, index: int) -> str:
+        try:
+            row = self._names[int(index)]
+        except Exception:  # the name is best effort: the caller reports the real error
+            return f"webdataset sample {index}"
+        return f"webdataset sample {index} (key {row['__key__']!r} in shard {row['__url__']!r})"
 
     def get_raw(self, index: int):
         image, value = super().get_raw(index)
         if self._json_key is not None:
             value = value[self._json_key]
             if value is None:
-                raise ValueError(f"webdataset sample {index}: its {self.caption_column!r} member has no "
-                                 f"{self._json_key!r} caption (the key found in the first samples)")
+                name = self.describe_sample(index)
+                raise BadSampleError(f"{name}: its {self.caption_column!r} member has no {self._json_key!r} "
+                                     "caption (the key found in the first samples)", name)
         elif isinstance(value, bytes):
             try:
                 value = decode_caption(value, self.caption_column)
             except ValueError as error:  # also a caption that is not UTF-8
-                raise ValueError(f"webdataset sample {index}: {error}") from error
+                name = self.describe_sample(index)
+                raise BadSampleError(f"{name}: {error}", name) from error
         elif isinstance(value, str) and not _is_json(self.caption_column):
             value = value.strip()
         return image, value
@@ -171,6 +310,27 @@ class WebDatasetShards(DatasetsSource):
     def __repr__(self):
         return (f"WebDatasetShards({len(self.shards)} shards, image_column={self.image_column!r}, "
                 f"caption_column={self.caption_column!r}, num_samples={self.num_samples})")
+
+
+def _undecodable_member(shard: str) -> BadSampleError | None:
+    """The first member of ``shard`` that datasets' webdataset builder fails to decode (it decodes members by
+    extension while converting), as an error naming the sample and the shard; ``None`` if every member decodes."""
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset as Builder
+    from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+
+    with tarfile.open(shard, "r:") as archive:
+        for member in archive:
+            key, field = base_plus_ext(member.name) if member.isreg() else (None, None)
+            decode = Builder.DECODERS.get(field.split(".")[-1].lower()) if key is not None else None
+            if decode is None:
+                continue
+            try:
+                decode(archive.extractfile(member).read())
+            except Exception as error:  # the builder's decoders: UTF-8 text, JSON, numpy, ...
+                name = f"webdataset sample {key!r} in shard {shard!r}"
+                return BadSampleError(f"train_shards_path_or_url: {name}: its {field!r} member cannot be decoded "
+                                      f"({type(error).__name__}: {error})", name)
+    return None
 
 
 def _caption_feature(peeked: Sequence[Mapping], column: str) -> tuple[Any, str | None]:
@@ -217,11 +377,13 @@ class WebDatasetStream(TextImageSource):
     unknown, shards reshuffled every epoch and dealt to DataLoader workers, then a seeded shuffle buffer."""
 
     def __init__(self, shards: Sequence[str], image_column: str | None, caption_column: str | None,
-                 max_train_samples: int | None = None, shuffle_buffer: int = 1000):
-        self.shards = list(shards)
-        peeked = _peek(self.shards[0])
-        if not peeked:
-            raise ValueError(f"train_shards_path_or_url: the first shard {self.shards[0]!r} holds no samples")
+                 max_train_samples: int | None = None, shuffle_buffer: int = 1000, skip_bad_samples: bool = False,
+                 skipped: SkippedSamples | None = None):
+        self.set_skip_bad_samples(skip_bad_samples, skipped)
+        peeked, shards = _peek_first(check_local_shards(list(shards), skip_bad_samples, self.skipped),
+                                     skip_bad_samples, self.skipped)
+        self.shards = shards
+        self.peeked = peeked
         self.image_column, self.caption_column = _detect_columns(peeked, image_column, caption_column)
         self.num_samples = None
         self.max_train_samples = max_train_samples
@@ -230,6 +392,46 @@ class WebDatasetStream(TextImageSource):
     @property
     def is_map_style(self) -> bool:
         return False
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["peeked"] = []  # only the start-up check reads them
+        return state
+
+    def _samples(self, webdataset, shards: Sequence[str]) -> Iterator[dict]:
+        """The samples of ``shards`` in order; a damaged shard raises naming it, or with skip_bad_samples ends
+        early with a warning (the samples read before the damage are kept)."""
+        for shard in shards:
+            try:
+                yield from _shard_samples(webdataset, shard)
+            except BadShardError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.skipped.add(error, "the rest of this shard is skipped")
+
+    def _load(self, sample: dict) -> tuple:
+        name = f"webdataset sample {sample['__key__']!r} in shard {sample['__url__']!r}"
+        try:
+            image = open_image(sample[self.image_column])
+        except Exception as error:  # PIL's errors for corrupt, truncated or empty members
+            raise BadSampleError(f"{name}: cannot read its {self.image_column!r} member: "
+                                 f"{type(error).__name__}: {error}", name) from error
+        try:
+            caption = decode_caption(sample[self.caption_column], self.caption_column)
+        except ValueError as error:  # also a caption that is not UTF-8
+            raise BadSampleError(f"{name}: {error}", name) from error
+        return image, caption
+
+    def first_samples(self) -> list[tuple[str, Callable[[], tuple]]]:
+        """``(name, load)`` of the complete samples among the first ones of the first shard (the start-up check
+        reads them)."""
+        samples = list(_complete_samples(self.peeked, self.image_column, self.caption_column))
+        if not samples:
+            raise ValueError(f"train_shards_path_or_url: none of the first {len(self.peeked)} samples of "
+                             f"{self.shards[0]!r} has both a {self.image_column!r} and a {self.caption_column!r} "
+                             "member")
+        return [(f"webdataset sample {s['__key__']!r} in shard {s['__url__']!r}", lambda s=s: self._load(s))
+                for s in samples]
 
     def iter_raw(self, epoch, seed, shuffle):
         webdataset = _import_webdataset()
@@ -246,8 +448,9 @@ class WebDatasetStream(TextImageSource):
         if not limited and num_workers > len(shards) and worker_id == 0:
             logger.warning("%d DataLoader workers but only %d shards: some workers stay idle",
                            num_workers, len(shards))
-        samples = _complete_samples(_open_shards(webdataset, shards, split_by_worker=not limited),
-                                    self.image_column, self.caption_column)
+        if not limited:
+            shards = shards[worker_id::num_workers]  # as webdataset.split_by_worker deals them
+        samples = _complete_samples(self._samples(webdataset, shards), self.image_column, self.caption_column)
         if limited:
             samples = itertools.islice(samples, worker_id, self.max_train_samples, num_workers)
         if shuffle:
@@ -255,11 +458,8 @@ class WebDatasetStream(TextImageSource):
             samples = webdataset.shuffle(self.shuffle_buffer, rng=random.Random(int(state[0])))(samples)
         for sample in samples:
             key, url = sample["__key__"], sample["__url__"]
-            try:
-                caption = decode_caption(sample[self.caption_column], self.caption_column)
-            except ValueError as error:  # also a caption that is not UTF-8
-                raise ValueError(f"webdataset sample {key!r} in {url}: {error}") from error
-            yield zlib.crc32(f"{url}/{key}".encode()), open_image(sample[self.image_column]), caption
+            yield (zlib.crc32(f"{url}/{key}".encode()), f"webdataset sample {key!r} in shard {url!r}",
+                   lambda sample=sample: self._load(sample))
 
     def identity(self) -> dict:
         local = [Path(s) for s in self.shards if not s.startswith(URL_PREFIXES)]

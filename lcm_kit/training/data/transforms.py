@@ -24,8 +24,26 @@ def check_resolution(resolution: Any) -> int:
     return int(resolution)
 
 
+#: The most an image is upscaled: its shorter side must be at least ``resolution / MAX_UPSCALE``. Beyond that an
+#: image holds less than one pixel per 8x8 output block (nothing to learn from), and a thin strip, scaled on both
+#: sides, would take gigabytes.
+MAX_UPSCALE = 8
+
+
+def check_image_size(image: Image.Image, resolution: int) -> None:
+    """Refuse an image too small to train at ``resolution`` (shorter side below ``resolution / MAX_UPSCALE``)."""
+    width, height = image.size
+    if min(width, height) * MAX_UPSCALE < resolution:
+        raise ValueError(
+            f"the image is {width}x{height} pixels, too small for resolution {resolution}: its shorter side must be "
+            f"at least {-(-resolution // MAX_UPSCALE)} (resolution / {MAX_UPSCALE}); remove it, or lower the resolution"
+        )
+
+
 def open_image(value: Any, base_dir: Path | None = None) -> Image.Image:
-    """Decode a dataset image value (PIL image, ``{"bytes", "path"}`` dict, path string or raw bytes) to RGB."""
+    """Decode a dataset image value (PIL image, ``{"bytes", "path"}`` dict, path string or raw bytes) to RGB.
+
+    The pixels are decoded here (not lazily later), so a corrupt or truncated file fails in this call."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
@@ -40,12 +58,15 @@ def open_image(value: Any, base_dir: Path | None = None) -> Image.Image:
             raise ValueError(f"image file {str(path)!r} (from the image column value {str(value)!r}) does not exist")
         image = Image.open(path)
     elif isinstance(value, (bytes, bytearray)):
+        if not value:
+            raise ValueError("the image member is empty (0 bytes)")
         image = Image.open(io.BytesIO(value))
     else:
         raise TypeError(
             f"image value of type {type(value).__name__} is not supported: expected a PIL image, a "
             "{'bytes','path'} dict, a path string or encoded image bytes"
         )
+    image.load()
     return to_rgb(image)
 
 
@@ -60,15 +81,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def choose_caption(value: Any, rng: np.random.Generator, where: str) -> str:
-    """A caption string; a list of captions yields one picked with ``rng``."""
+def choose_caption(value: Any, rng: np.random.Generator, where: str | None = None) -> str:
+    """A caption string; a list of captions yields one picked with ``rng``. ``where`` names the sample in the
+    error."""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return value[int(rng.integers(len(value)))]
     raise ValueError(
-        f"caption of {where} is {value!r}: expected a string or a non-empty list of strings "
-        "(fill missing captions in the dataset, or choose another caption_column)"
+        f"{'the caption' if where is None else f'caption of {where}'} is {value!r}: expected a string or a "
+        "non-empty list of strings (fill missing captions in the dataset, or choose another caption_column)"
     )
 
 
@@ -90,10 +112,14 @@ def preprocess_image(
         rng: the sample's generator (required for a random crop or flip).
         flip: force the flip decision (used by the encoded cache), overriding ``random_flip``.
 
+    Raises:
+        ValueError: the image's shorter side is below ``resolution / MAX_UPSCALE``.
+
     Returns:
         float32 pixel values ``(3, resolution, resolution)`` in [-1, 1].
     """
     resolution = check_resolution(resolution)
+    check_image_size(image, resolution)
     if image.mode != "RGB":
         image = to_rgb(image)
     width, height = image.size

@@ -208,22 +208,27 @@ class ConsistencyLoss:
             return ct_target_ema(min(step, self.total_steps), self.total_steps, self.s0, self.s1, self.mu0)
         return 0.0
 
-    def sigmas(self, step: int) -> torch.Tensor:
-        """The ascending Karras grid of N(k) noise levels used at step k (float64)."""
-        return karras_sigmas(self.num_scales(step), self.sigma_min, self.sigma_max, self.rho)
+    def sigmas(self, step: int, device=None) -> torch.Tensor:
+        """The ascending Karras grid of N(k) noise levels used at step k (float64, on ``device``)."""
+        return karras_sigmas(self.num_scales(step), self.sigma_min, self.sigma_max, self.rho, device=device)
 
     def index_probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """P(i) for the pair (sigma_i, sigma_{i+1}), i in [0, N-2]."""
+        """P(i) for the pair (sigma_i, sigma_{i+1}), i in [0, N-2] (on the device of ``sigmas``)."""
         if self.index_sampling == "lognormal":
             return ict_index_probabilities(sigmas, self.p_mean, self.p_std)
-        return torch.full((sigmas.numel() - 1,), 1.0 / (sigmas.numel() - 1), dtype=torch.float64)
+        return torch.full((sigmas.numel() - 1,), 1.0 / (sigmas.numel() - 1), dtype=torch.float64,
+                          device=sigmas.device)
 
     def sample_sigma_pairs(self, step: int, batch_size: int, generator=None, device=None):
-        """Per-sample ``(sigma_i, sigma_{i+1})`` drawn with the mode's index distribution (float64, on ``device``)."""
-        sigmas = self.sigmas(step)
-        probs = self.index_probabilities(sigmas)
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        index = torch.multinomial(probs.to(gen_device), batch_size, replacement=True, generator=generator).cpu()
+        """Per-sample ``(sigma_i, sigma_{i+1})`` drawn with the mode's index distribution (float64, on ``device``).
+
+        The grid, the probabilities and the draw live on the generator's device (``device`` without a generator),
+        so a training step on an accelerator neither reads back from nor copies to the host.
+        """
+        draw_device = generator.device if generator is not None else torch.device(device or "cpu")
+        sigmas = self.sigmas(step, device=draw_device)
+        # (torch's multinomial reads its input back to validate it only when drawing one sample: batch_size 1)
+        index = torch.multinomial(self.index_probabilities(sigmas), batch_size, replacement=True, generator=generator)
         return sigmas[index].to(device), sigmas[index + 1].to(device)
 
     def loss_weight(self, sigma, sigma_next):

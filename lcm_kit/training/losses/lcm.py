@@ -71,9 +71,10 @@ class LCMDistillationConfig:
 
 def sample_skip_timesteps(batch_size: int, config: LCMDistillationConfig, generator=None, device=None):
     """Start timesteps ``t_{n+k}`` drawn uniformly from the DDIM grid, and targets ``t_n = t_{n+k} - k`` (>= 0)."""
-    grid = torch.from_numpy(ddim_timestep_grid(config.num_train_timesteps, config.num_ddim_timesteps)).to(device)
     index = torch.randint(0, config.num_ddim_timesteps, (batch_size,), generator=generator, device=device)
-    start = grid[index]
+    # The grid point (i + 1) k - 1 of :func:`ddim_timestep_grid`, computed where the index is: copying the grid from
+    # the host at every step would wait for the accelerator's queue.
+    start = (index + 1) * config.skip - 1
     return start, (start - config.skip).clamp(min=0)
 
 
@@ -116,9 +117,12 @@ class LCMDistillationLoss:
     def __call__(self, student: ModelFn, teacher: Callable, target: ModelFn, latents: torch.Tensor,
                  generator: torch.Generator | None = None, *, timesteps=None, noise=None, w=None
                  ) -> LCMDistillationOutput:
-        config, alphas = self.config, self.alphas_cumprod
+        config = self.config
         latents = latents.float()
         batch, device = latents.shape[0], latents.device
+        if self.alphas_cumprod.device != device:  # once: indexing a host table with device timesteps is an error
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+        alphas = self.alphas_cumprod
         start, prev = sample_skip_timesteps(batch, config, generator, device) if timesteps is None else timesteps
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=device)

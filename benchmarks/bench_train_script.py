@@ -1,0 +1,161 @@
+"""End-to-end LCM-LoRA distillation wall time: lcm-kit's ``train_lcm_lora`` against diffusers' own script.
+
+Both trainers distill the shipped digits teacher from the same webdataset shards (the digits train split at 32², one
+caption per image) with the same flags, one after the other in this one script, each in its own process; the table
+gives each run's wall time, its time to the first optimizer step and the ratio. diffusers' script is not part of
+lcm-kit: give the path of ``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` from a diffusers
+checkout (it needs torchvision, and webdataset 0.2.86 for local shards, in the same environment as lcm-kit).
+
+    python benchmarks/bench_train_script.py --reference_script /tmp/diffusers/examples/consistency_distillation/\\
+        train_lcm_distill_lora_sd_wds.py                                     # 960 steps, batch 32, rank 16
+    python benchmarks/bench_train_script.py --reference_script ... --max_train_steps 20   # a quick try
+    python benchmarks/bench_train_script.py --reference_script ... --lcm_kit_args "--cache_latents"
+
+Validation and checkpoints are off in both (steps beyond the run), so the figures are the distillation itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# A tqdm bar line of either trainer ("Steps:  12%|...| 115/960 [...]").
+STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")
+
+
+def write_digits_shards(out_dir: Path, seed: int = 0, per_shard: int = 256) -> tuple[str, int]:
+    """The digits train split as ``png`` + ``txt`` tar shards; returns (brace pattern, number of samples)."""
+    from lcm_kit.digits.data import to_hf_dataset
+
+    dataset = to_hf_dataset("train", resolution=32, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = (len(dataset) + per_shard - 1) // per_shard
+    for shard in range(shards):
+        with tarfile.open(out_dir / f"digits-{shard:04d}.tar", "w") as tar:
+            for index in range(shard * per_shard, min(len(dataset), (shard + 1) * per_shard)):
+                row = dataset[index]
+                buffer = io.BytesIO()
+                row["image"].save(buffer, format="PNG")
+                for suffix, payload in (("png", buffer.getvalue()), ("txt", row["text"].encode())):
+                    info = tarfile.TarInfo(f"{index:06d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(out_dir / f"digits-{{0000..{shards - 1:04d}}}.tar"), len(dataset)
+
+
+def common_flags(args, shards: str, samples: int, output_dir: Path) -> list[str]:
+    from lcm_kit.digits.data import teacher_path
+
+    never = str(args.max_train_steps + 1)
+    return [
+        "--pretrained_teacher_model", str(teacher_path()),
+        "--train_shards_path_or_url", shards,
+        "--max_train_samples", str(samples),
+        "--output_dir", str(output_dir),
+        "--resolution", "32",
+        "--train_batch_size", str(args.train_batch_size),
+        "--max_train_steps", str(args.max_train_steps),
+        "--lora_rank", str(args.lora_rank),
+        "--lora_alpha", str(args.lora_rank),
+        "--learning_rate", "1e-4",
+        "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0",
+        "--mixed_precision", "no",
+        "--dataloader_num_workers", str(args.dataloader_num_workers),
+        "--validation_steps", never,
+        "--checkpointing_steps", never,
+        "--report_to", "tensorboard",
+        "--seed", "0",
+    ]
+
+
+def run(name: str, argv: list[str], log_file: Path) -> dict:
+    """Run one trainer to the end; wall time, and the time its progress bar first showed a finished step."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    print(f"[{name}] {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    first_step = None
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, bufsize=1)
+        buffer = ""
+        while True:
+            chunk = process.stdout.read(256)
+            if not chunk:
+                break
+            log.write(chunk)
+            buffer = (buffer + chunk)[-4096:]
+            if first_step is None and any(int(m.group(1)) >= 1 for m in STEP_PATTERN.finditer(buffer)):
+                first_step = time.perf_counter() - start
+        returncode = process.wait()
+    wall = time.perf_counter() - start
+    if returncode != 0:
+        tail = log_file.read_text()[-3000:]
+        raise SystemExit(f"[{name}] exited with {returncode}; last output:\n{tail}")
+    return dict(name=name, wall_s=wall, first_step_s=first_step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--reference_script", type=Path, required=True,
+                        help="diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
+    parser.add_argument("--max_train_steps", type=int, default=960, help="steps of each run (default 960)")
+    parser.add_argument("--train_batch_size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank and alpha (default 16)")
+    parser.add_argument("--dataloader_num_workers", type=int, default=1,
+                        help="DataLoader workers of both (default 1; diffusers' script needs at least 1)")
+    parser.add_argument("--lcm_kit_args", default="", help="extra flags for lcm-kit's run only, e.g. '--cache_latents'")
+    parser.add_argument("--order", choices=["lcm-kit-first", "reference-first"], default="reference-first",
+                        help="which trainer runs first (default: diffusers' script)")
+    parser.add_argument("--work_dir", type=Path, default=None, help="shards, outputs and logs (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if not args.reference_script.is_file():
+        parser.error(f"--reference_script {str(args.reference_script)!r} is not a file")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="lcm-bench-train-script-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shards, samples = write_digits_shards(work / "shards")
+    print(f"{samples} samples in {shards}", flush=True)
+
+    runs = {
+        "diffusers script": [sys.executable, str(args.reference_script),
+                             *common_flags(args, shards, samples, work / "out-reference")],
+        "lcm-kit train_lcm_lora": [sys.executable, "-m", "lcm_kit.training.train_lcm_lora",
+                                   *common_flags(args, shards, samples, work / "out-lcm-kit"),
+                                   *shlex.split(args.lcm_kit_args)],
+    }
+    names = list(runs) if args.order == "reference-first" else list(runs)[::-1]
+    results = {name: run(name, runs[name], work / f"{name.split()[0]}.log") for name in names}
+
+    reference, ours = results["diffusers script"], results["lcm-kit train_lcm_lora"]
+    print()
+    print(f"| trainer | wall s | first step s | steps 2..{args.max_train_steps} s |")
+    print("|---|---|---|---|")
+    for result in (reference, ours):
+        rest = result["wall_s"] - (result["first_step_s"] or 0.0)
+        first = f"{result['first_step_s']:.1f}" if result["first_step_s"] is not None else "n/a"
+        print(f"| {result['name']} | {result['wall_s']:.1f} | {first} | {rest:.1f} |")
+    ratio = ours["wall_s"] / reference["wall_s"]
+    print(f"\nwall ratio lcm-kit / diffusers script: {ratio:.3f}x  (machine: {platform.processor() or platform.machine()},"
+          f" {os.cpu_count()} CPUs; load average after {os.getloadavg()})")
+    if args.json:
+        args.json.write_text(json.dumps(dict(runs=results, ratio=ratio, flags=vars(args) | {
+            "reference_script": str(args.reference_script), "work_dir": str(work), "json": str(args.json)}),
+            indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

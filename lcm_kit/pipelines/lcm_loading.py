@@ -1,0 +1,77 @@
+"""How LCMPipeline is loaded and saved: folders stock diffusers reads without lcm-kit (schedulers saved as the
+diffusers scheduler they equal), lcm-kit's schedulers back on load, and LoRA files read as safetensors only."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from diffusers import LCMScheduler, TCDScheduler
+
+from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
+
+
+class LCMPipelineLoading:
+    """``load_lora_weights``, ``from_pretrained`` and ``save_pretrained`` of LCMPipeline (a mixin over diffusers'
+    ``DiffusionPipeline`` and LoRA loader)."""
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap: bool = False,
+                          **kwargs):
+        """diffusers' ``load_lora_weights``, safetensors only: a pickled file (``.bin`` / ``.pt`` / ``.ckpt``, or a
+        ``weight_name`` naming one) is refused instead of unpickled, and a folder or repo without a ``.safetensors``
+        file fails instead of falling back to ``torch.load``. For a load that checks every key, alpha and shape
+        first, use ``lcm_kit.lora.load_lora_weights_strict(pipe, ...)``."""
+        source = pretrained_model_name_or_path_or_dict
+        names = [str(kwargs["weight_name"])] if kwargs.get("weight_name") is not None else []
+        if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+            names.append(os.fspath(source))
+        pickled = [name for name in names if not name.endswith(".safetensors")]
+        if pickled:
+            raise ValueError(
+                f"LoRA {pickled[0]!r} is not a .safetensors file: LCMPipeline reads safetensors only and never "
+                "unpickles a file (unpickling can run code); convert it once with safetensors.torch.save_file."
+            )
+        kwargs["use_safetensors"] = True  # diffusers' lora_state_dict then refuses pickles (allow_pickle=False)
+        return super().load_lora_weights(source, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``; a folder's ``LCMScheduler`` (what :meth:`save_pretrained` writes at
+        ``gamma=1``) comes back as the ``ConsistencyScheduler`` it equals, unless ``scheduler=`` is passed."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if "scheduler" not in kwargs and type(pipe.scheduler) is LCMScheduler:
+            pipe.scheduler = ConsistencyScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """diffusers' ``save_pretrained``, written so that stock diffusers loads the folder without lcm-kit: the
+        ``ConsistencyScheduler`` is saved as the diffusers scheduler it equals (``LCMScheduler`` at ``gamma=1``)
+        and ``model_index.json`` names ``LatentConsistencyModelPipeline`` (a distilled LCM UNet) or
+        ``StableDiffusionPipeline`` (an SD UNet, for LCM-LoRA use), so ``DiffusionPipeline.from_pretrained`` and
+        ``AutoPipelineForText2Image`` load it; ``LCMPipeline.from_pretrained`` gets its ConsistencyScheduler back."""
+        scheduler = self.scheduler
+        stock_scheduler = _stock_scheduler(scheduler)
+        if stock_scheduler is not scheduler:
+            self.register_modules(scheduler=stock_scheduler)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            if stock_scheduler is not scheduler:
+                self.register_modules(scheduler=scheduler)
+        index_file = os.path.join(save_directory, "model_index.json")
+        index = json.loads(open(index_file, encoding="utf-8").read())
+        index["_class_name"] = "LatentConsistencyModelPipeline" if self.is_distilled else "StableDiffusionPipeline"
+        with open(index_file, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _stock_scheduler(scheduler):
+    """The diffusers scheduler an lcm-kit scheduler equals, when there is one (``LCMScheduler`` for a
+    ``ConsistencyScheduler`` at ``gamma=1``, ``TCDScheduler`` for a ``TrajectoryConsistencyScheduler`` at its default
+    ``gamma``, which is ``TCDScheduler.step``'s default ``eta``); otherwise the scheduler itself."""
+    config = {k: v for k, v in scheduler.config.items() if k != "gamma"} if scheduler is not None else None
+    if type(scheduler) is ConsistencyScheduler and scheduler.config.gamma == 1.0:
+        return LCMScheduler.from_config(config)
+    if type(scheduler) is TrajectoryConsistencyScheduler and scheduler.config.gamma == 0.3:
+        return TCDScheduler.from_config(config)
+    return scheduler
