@@ -373,7 +373,7 @@ def _drop_incomplete(dataset, image_column: str, caption_column: str):
 
 
 class WebDatasetStream(TextImageSource):
-    """webdataset shards streamed through ``webdataset.WebDataset`` (URLs, ``pipe:``, compressed shards): length
+    """webdataset shards streamed through webdataset's tar reader (URLs, ``pipe:``, compressed shards): length
     unknown, shards reshuffled every epoch and dealt to DataLoader workers, then a seeded shuffle buffer."""
 
     def __init__(self, shards: Sequence[str], image_column: str | None, caption_column: str | None,

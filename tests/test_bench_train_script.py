@@ -1,0 +1,39 @@
+"""benchmarks/bench_train_script.py: the digits shards it gives both trainers hold the whole train split, readable by
+lcm-kit's shard reader, and a missing reference script is refused by name."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_train_script import write_digits_shards  # noqa: E402
+
+from lcm_kit.digits.data import load_split  # noqa: E402
+from lcm_kit.training.data.shards import WebDatasetShards, expand_shard_pattern  # noqa: E402
+
+
+def test_shards_hold_the_whole_train_split_with_captions(tmp_path):
+    pattern, samples = write_digits_shards(tmp_path / "shards", per_shard=500)
+    images, _ = load_split("train", 32)
+    assert samples == len(images)
+    shards = expand_shard_pattern(pattern)
+    assert len(shards) == -(-samples // 500) and all(Path(s).is_file() for s in shards)
+    dataset = WebDatasetShards(shards, None, None, cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == samples
+    pixels = ((images.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    for index in (0, 1, samples - 1):  # lossless PNG: the split's own pixels
+        image, caption = dataset.get_raw(index)
+        assert np.array_equal(np.asarray(image.convert("RGB")), pixels[index])
+        assert isinstance(caption, str) and caption.strip()
+
+
+def test_a_missing_reference_script_is_named(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"),
+                             "--reference_script", str(tmp_path / "nope.py")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--reference_script" in result.stderr and "nope.py" in result.stderr and "is not a file" in result.stderr

@@ -1,0 +1,27 @@
+"""benchmarks/bench_train_step.py at smoke size: both formulations run, every figure is finite and positive."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_benchmark_reports_finite_figures(tmp_path):
+    report_file = tmp_path / "report.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--warmup", "1", "--steps", "2",
+         "--threads", "1", "--no_peak_memory", "--json", str(report_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads(report_file.read_text())
+    assert set(report["results"]) == {"lcm-kit", "reference"}
+    for figures in report["results"].values():
+        assert all(math.isfinite(figures[k]) and figures[k] > 0 for k in ("ms_median", "ms_mean", "first_step_s"))
+    assert math.isfinite(report["time_ratio"]) and report["time_ratio"] > 0
+    assert "ratio lcm-kit / reference: time" in result.stdout
