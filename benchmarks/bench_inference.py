@@ -31,12 +31,12 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from machine import cpu_name
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,16 +248,6 @@ def ratios(case: dict) -> dict:
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("cpu", "gpu"), default=None,
@@ -315,7 +305,7 @@ def main(argv=None):
     import diffusers
 
     card = torch.cuda.get_device_name() if cfg["device"] == "cuda" else (
-        f"{_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+        f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     load_before = os.getloadavg()
     results = [run_case(model, batch, resolution, cfg, args) for model, batch, resolution in cases]
     report = dict(config=name, device_name=card, date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__,

@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -31,6 +30,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 # A tqdm bar line of either trainer ("Steps:  12%|...| 115/960 [...]").
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         first = f"{result['first_step_s']:.1f}" if result["first_step_s"] is not None else "n/a"
         print(f"| {result['name']} | {result['wall_s']:.1f} | {first} | {rest:.1f} |")
     ratio = ours["wall_s"] / reference["wall_s"]
-    print(f"\nwall ratio lcm-kit / diffusers script: {ratio:.3f}x  (machine: {platform.processor() or platform.machine()},"
+    print(f"\nwall ratio lcm-kit / diffusers script: {ratio:.3f}x  (machine: {cpu_name()},"
           f" {os.cpu_count()} CPUs; load average after {os.getloadavg()})")
     if args.json:
         args.json.write_text(json.dumps(dict(runs=results, ratio=ratio, flags=vars(args) | {

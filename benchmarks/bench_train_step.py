@@ -28,12 +28,12 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
+from machine import cpu_name
 
 CONFIGS = {
     "cpu": dict(kind="tiny", resolution=32, batch_size=8, rank=8, mixed_precision="no", device="cpu"),
@@ -343,16 +343,6 @@ def child_peak_rss(cfg_name: str, variant: str, steps: int = 3) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
@@ -385,7 +375,7 @@ def main(argv=None):
     import diffusers
     import peft
 
-    card = torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"{_cpu_name()} " \
+    card = torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"{cpu_name()} " \
         f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     report = {
         "config": args.config, **cfg, "device_name": card, "date": time.strftime("%Y-%m-%d"),

@@ -380,14 +380,6 @@ def stage_bench_train(cfg, timeout: float, out: Path, log_dir: Path) -> list[dic
     return rows
 
 
-def _numeric_leaves(value, prefix=""):
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _numeric_leaves(item, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield prefix, value
-
-
 def stage_bench_inference(cfg, timeout: float, out: Path, log_dir: Path) -> list[dict]:
     script = HERE / "bench_inference.py"
     if not script.exists():
@@ -411,14 +403,24 @@ def stage_bench_inference(cfg, timeout: float, out: Path, log_dir: Path) -> list
     if rc != 0:
         return [{"part": "speed", "check": "bench_inference.py", "status": "FAIL", "seconds": secs,
                  "figures": f"rc {rc}; {tail(log)}"}]
-    if json_file.exists():
-        leaves = list(_numeric_leaves(json.loads(json_file.read_text())))
-        figures = "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in leaves[:24])
-    else:
-        figures = tail(log, 12)
     shown = [a for a in argv[2:] if a not in ("--json", str(json_file))]
-    return [{"part": "speed", "check": " ".join(["bench_inference.py", *shown]), "status": "ok", "seconds": secs,
-             "figures": figures}]
+    check = " ".join(["bench_inference.py", *shown])
+    if not json_file.exists():
+        return [{"part": "speed", "check": check, "status": "ok", "seconds": secs, "figures": tail(log, 12)}]
+    rows = []
+    for case in json.loads(json_file.read_text())["cases"]:  # one row per (model, batch): the PIL figures
+        ms = {row["variant"]: row["ms_median"] for row in case["rows"].values() if row["output"] == "pil"}
+        ratios = case.get("ratios", {})
+        fast = ms.get("lcm fast")
+        parts = [f"{name} {ms[name]:.1f} ms" for name in ("stock", "stock+compile", "lcm eager", "lcm fast")
+                 if ms.get(name) is not None]
+        if fast:
+            parts.append(f"{1000.0 * case['batch'] / fast:.1f} img/s fast")
+        parts += [f"{name} {ratios[name + '|pil']:.2f}x" for name in ("fast/stock", "fast/naive-compile",
+                                                                       "eager/stock") if name + "|pil" in ratios]
+        rows.append({"part": "speed", "check": f"{check}: {case['model']} batch {case['batch']} "
+                     f"{case['resolution']}px, PIL", "status": "ok", "seconds": secs, "figures": "; ".join(parts)})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

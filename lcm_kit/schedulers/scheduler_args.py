@@ -190,3 +190,17 @@ def check_custom_timesteps(timesteps, num_train_timesteps: int) -> np.ndarray:
             f"`timesteps` must lie in [0, num_train_timesteps={num_train_timesteps}), got {values.tolist()}."
         )
     return values
+
+
+def begin_step(scheduler, model_output, sample, timestep, generator) -> None:
+    """What every ``step`` of lcm-kit's schedulers starts with: the inputs checked, the step index found on the first
+    step, and an error (not an ``IndexError``) when the loop runs past the schedule."""
+    check_step_inputs(model_output, sample, generator)
+    if scheduler.step_index is None:
+        scheduler._init_step_index(timestep)
+    if scheduler.step_index >= len(scheduler._host_timesteps):
+        raise ValueError(
+            f"`step()` was called {scheduler.step_index + 1} times but the schedule has "
+            f"{len(scheduler._host_timesteps)} timesteps; call `set_timesteps(...)` again to start a new sampling loop."
+        )
+

@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..consistency import consistency_scalings, sigma_to_timestep
 from ..utils import check_exactly_one
-from .scheduler_args import check_bool, check_device, check_int, check_real, check_step_inputs, schedule_index
+from .scheduler_args import begin_step, check_bool, check_device, check_int, check_real, schedule_index
 
 
 @dataclass
@@ -209,14 +209,7 @@ class CMMultistepScheduler(CMStochasticIterativeScheduler):
             raise ValueError(
                 f"`timestep` must be one of scheduler.timesteps (a float 250*log(sigma)), got the integer {timestep!r}."
             )
-        check_step_inputs(model_output, sample, generator)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.step_index >= len(self._host_timesteps):
-            raise ValueError(
-                f"`step()` was called {self.step_index + 1} times but the schedule has {len(self._host_timesteps)} "
-                "timesteps; call `set_timesteps(...)` again to start a new sampling loop."
-            )
+        begin_step(self, model_output, sample, timestep, generator)
         # Host scalars from the host sigmas (the stock scheduler keeps them on the CPU for the same reason).
         sigma = self.sigmas[self.step_index]
         sigma_next = self.sigmas[min(self.step_index + 1, len(self.sigmas) - 1)]

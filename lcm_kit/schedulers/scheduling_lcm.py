@@ -36,12 +36,12 @@ from ..consistency import (
 )
 from ..utils import check_exactly_one
 from .scheduler_args import (
+    begin_step,
     check_custom_timesteps,
     check_device,
     check_gamma,
     check_int,
     check_lcm_config,
-    check_step_inputs,
     vp_betas,
 )
 from .scheduler_mixins import StepIndexMixin, VPTrainingMixin
@@ -471,14 +471,7 @@ class ConsistencyScheduler(StepIndexMixin, VPTrainingMixin, SchedulerMixin, Conf
         """The checks every step starts with, then the step index (found on the host, see `schedule_index`)."""
         if self.num_inference_steps is None:
             raise ValueError("`step()` was called before `set_timesteps()`; call `set_timesteps(...)` first.")
-        check_step_inputs(model_output, sample, generator)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.step_index >= len(self._host_timesteps):
-            raise ValueError(
-                f"`step()` was called {self.step_index + 1} times but the schedule has {len(self._host_timesteps)} "
-                "timesteps; call `set_timesteps(...)` again to start a new sampling loop."
-            )
+        begin_step(self, model_output, sample, timestep, generator)
 
     def _carry(self, denoised, sample, alpha_prod_t, alpha_prod_t_prev, prev_timestep, gamma, generator):
         """Moves `denoised` to the noise level of `prev_timestep` (see `step`)."""
