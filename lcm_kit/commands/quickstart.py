@@ -1,6 +1,6 @@
 """``lcm-kit quickstart``: distill the shipped digits teacher into an LCM-LoRA and show what it buys.
 
-    lcm-kit quickstart --out lcm-quickstart          # ~7 minutes on 2 CPU cores
+    lcm-kit quickstart --out lcm-quickstart          # 7-12 minutes on 2 CPU cores
 
 1. writes the digits train split as a ``datasets`` folder (``save_to_disk``) and distills an LCM-LoRA from the
    shipped teacher with the installed package's trainer, ``accelerate launch -m lcm_kit.training.train_lcm_lora``
