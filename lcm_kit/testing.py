@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -335,3 +337,32 @@ def train_toy_consistency(
         ema_update_(sampling_ema, model, sampling_ema_decay)
         losses.append(out.loss.mean().item())
     return sampling_ema, losses
+
+
+class HostTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records what a computation would make an accelerator wait for: reads of a tensor's value (``.item()``,
+    ``int(t)``, ``bool(t)``: ``aten._local_scalar_dense``), copies from the host to the device, and host tensors with
+    more than one element. 0-dim host scalars (an ``alphas_cumprod[t]`` indexed by a host int) are allowed: they reach
+    a device kernel as a scalar argument, as in diffusers' schedulers. ``with HostTraffic() as traffic: ...`` then
+    ``traffic.violations``."""
+
+    def __init__(self):
+        super().__init__()
+        self.violations: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.violations.append(f"{func}: reads a tensor value on the host")
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in leaves(out) if isinstance(o, torch.Tensor)]
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and (
+            any(i.device.type == "cpu" for i in inputs) and any(o.device.type != "cpu" for o in outputs)
+        ):
+            self.violations.append(f"{func}: copies a host tensor to the device")
+        self.violations += [f"{func}: makes a host tensor of shape {tuple(o.shape)}" for o in outputs
+                            if o.device.type == "cpu" and o.numel() > 1]
+        return out
+

@@ -15,7 +15,14 @@ from lcm_kit import consistency as cm
 from lcm_kit.precond import ConsistencyModel, EDMDenoiser, VPDenoiser
 from lcm_kit.sampling import consistency_sample, edm_sample
 from lcm_kit.schedulers.scheduling_cm import CMMultistepScheduler
-from lcm_kit.testing import ToyMLP, gaussian_mixture_2d, sliced_wasserstein, train_toy_consistency, train_toy_diffusion
+from lcm_kit.testing import (
+    HostTraffic,
+    ToyMLP,
+    gaussian_mixture_2d,
+    sliced_wasserstein,
+    train_toy_consistency,
+    train_toy_diffusion,
+)
 from lcm_kit.training.cm_objective import save_consistency_pipeline
 from lcm_kit.training.losses import ConsistencyLoss
 from lcm_kit.utils import ema_update_
@@ -379,30 +386,6 @@ def test_scheduler_draws_the_stock_random_numbers_so_a_reused_generator_gives_th
     assert (our_images[0] - our_images[1]).abs().max() > 0.01  # the second loop really drew other noise
 
 
-class _HostTraffic(torch.utils._python_dispatch.TorchDispatchMode):
-    """Host reads of tensor values (aten._local_scalar_dense), host-to-device copies and host tensors of more than
-    one element made during a step; 0-dim host scalars of the schedule (sigmas[i]) are allowed, as in diffusers."""
-
-    def __init__(self):
-        super().__init__()
-        self.violations = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.violations.append(f"{func}: reads a tensor value on the host")
-        out = func(*args, **kwargs)
-        leaves = torch.utils._pytree.tree_leaves
-        inputs = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        outputs = [o for o in leaves(out) if isinstance(o, torch.Tensor)]
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
-                i.device.type == "cpu" for i in inputs) and any(o.device.type != "cpu" for o in outputs):
-            self.violations.append(f"{func}: copies a host tensor to the device")
-        self.violations += [f"{func}: host tensor {tuple(o.shape)}" for o in outputs
-                            if o.device.type == "cpu" and o.numel() > 1]
-        return out
-
-
 @pytest.mark.parametrize("kwargs", [{"num_inference_steps": 3}, {"timesteps": [22, 0]}, {"sigmas": [80.0, 0.821]}])
 def test_scheduler_runs_on_a_non_cpu_device_without_host_syncs(kwargs):
     scheduler = CMMultistepScheduler()
@@ -410,7 +393,7 @@ def test_scheduler_runs_on_a_non_cpu_device_without_host_syncs(kwargs):
     assert scheduler.timesteps.device.type == "meta" and scheduler.sigmas.device.type == "cpu"
     sample = torch.empty(2, 3, 8, 8, device="meta")
     for t in scheduler.timesteps:
-        with _HostTraffic() as traffic:
+        with HostTraffic() as traffic:
             model_input = scheduler.scale_model_input(sample, t)
             out = scheduler.step(torch.empty_like(model_input), t, sample)
         assert traffic.violations == [], traffic.violations

@@ -54,6 +54,18 @@ def pair(components, **enable):
     return fast, eager
 
 
+def digits_pair():
+    """(fast, eager) shipped digits teachers with the same randomised LCM-LoRA; fast inference not yet switched on."""
+    pipes = []
+    for _ in range(2):
+        pipe = LCMPipeline.from_pretrained(teacher_path(), safety_checker=None, requires_safety_checker=False)
+        add_lcm_lora(pipe.unet, 8, 8)
+        randomize(pipe.unet, seed=1, std=0.02)
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+    return tuple(pipes)
+
+
 def run(pipe, prompt=PROMPTS, output_type="latent", seed=0, **kwargs):
     return pipe(prompt, generator=gen(seed), output_type=output_type, **{**SIZE, **kwargs}).images
 
@@ -119,14 +131,7 @@ def test_distilled_lcm_and_lcm_scheduler_equal_eager():
 
 
 def test_digits_teacher_with_lcm_lora_equals_eager():
-    pipes = []
-    for _ in range(2):
-        pipe = LCMPipeline.from_pretrained(teacher_path(), safety_checker=None, requires_safety_checker=False)
-        add_lcm_lora(pipe.unet, 8, 8)
-        randomize(pipe.unet, seed=1, std=0.02)
-        pipe.set_progress_bar_config(disable=True)
-        pipes.append(pipe)
-    fast, eager = pipes
+    fast, eager = digits_pair()
     fast.enable_fast_inference()
     prompts = [eval_prompt(d) for d in (0, 3, 7, 9)]
     for output_type in ("latent", "pt"):
@@ -363,14 +368,7 @@ def test_compiles_once_per_shape_never_per_call_or_step_count():
 @pytest.mark.slow
 def test_inductor_compiled_fast_path_equals_eager_on_the_digits_teacher():
     torch._dynamo.reset()
-    pipes = []
-    for _ in range(2):
-        pipe = LCMPipeline.from_pretrained(teacher_path(), safety_checker=None, requires_safety_checker=False)
-        add_lcm_lora(pipe.unet, 8, 8)
-        randomize(pipe.unet, seed=1, std=0.02)
-        pipe.set_progress_bar_config(disable=True)
-        pipes.append(pipe)
-    fast, eager = pipes
+    fast, eager = digits_pair()
     fast.enable_fast_inference(compile=True)
     prompts = [eval_prompt(d) for d in (1, 4)]
     try:

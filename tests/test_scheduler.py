@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, TCDScheduler
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcm_kit.consistency import dynamic_threshold
 from lcm_kit.schedulers import (
@@ -19,7 +18,7 @@ from lcm_kit.schedulers import (
     TrajectoryConsistencyScheduler,
     TrajectoryConsistencySchedulerOutput,
 )
-from lcm_kit.testing import tiny_pipeline
+from lcm_kit.testing import HostTraffic, tiny_pipeline
 
 SHAPE = (2, 4, 8, 8)
 ATOL = 1e-6
@@ -605,39 +604,12 @@ def test_tcd_eta_out_of_range_is_a_clear_error(kwargs, match):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _HostTraffic(TorchDispatchMode):
-    """Records what a step would make an accelerator wait for: reads of a tensor's value (`.item()`, `int(t)`,
-    `bool(t)`: aten._local_scalar_dense), copies from the host to the device, and host tensors with more than one
-    element. 0-dim host scalars of the schedule (an `alphas_cumprod[t]` indexed by a host int) are allowed: they
-    reach a device kernel as a scalar argument, as in diffusers' schedulers."""
-
-    def __init__(self):
-        super().__init__()
-        self.violations = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.violations.append(f"{func}: reads a tensor value on the host")
-        out = func(*args, **kwargs)
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-        if any(i.device.type == "cpu" for i in inputs) and any(o.device.type != "cpu" for o in outputs) and (
-            func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
-        ):
-            self.violations.append(f"{func}: copies a host tensor to the device")
-        for o in outputs:
-            if o.device.type == "cpu" and o.numel() > 1:
-                self.violations.append(f"{func}: makes a host tensor of shape {tuple(o.shape)}")
-        return out
-
-
 def _meta_loop(scheduler, timesteps, step_kwargs):
     sample = torch.empty(SHAPE, device="meta")
     outs = []
     for t in timesteps:
         model_output = torch.empty(SHAPE, device="meta")
-        with _HostTraffic() as traffic:
+        with HostTraffic() as traffic:
             out = scheduler.step(model_output, t, sample, **step_kwargs)
         assert traffic.violations == [], traffic.violations
         assert out.prev_sample.device.type == "meta" and out.prev_sample.shape == SHAPE
@@ -687,7 +659,7 @@ def test_a_pipeline_style_loop_reads_no_device_value_on_cpu_either():
             for i, t in enumerate(scheduler.timesteps):
                 assert scheduler.index_for_timestep(t) == i
                 timestep = int(t) if as_ints else t
-                with _HostTraffic() as traffic:
+                with HostTraffic() as traffic:
                     out = scheduler.step(torch.full(SHAPE, 0.1 * i), timestep, sample, generator=gen, **kwargs)
                 assert not any("reads a tensor value" in v for v in traffic.violations)
                 outs.append(out.prev_sample)
