@@ -2,7 +2,7 @@
 
 Public API (imported lazily so ``import lcm_kit`` stays cheap)::
 
-    from lcm_kit import ConsistencyScheduler, LCMPipeline
+    from lcm_kit import ConsistencyScheduler, LCMPipeline, LCMXLPipeline
 """
 
 import importlib
@@ -15,6 +15,7 @@ _EXPORTS = {
     "TrajectoryConsistencyScheduler": "lcm_kit.schedulers",
     "TrajectoryConsistencySchedulerOutput": "lcm_kit.schedulers",
     "LCMPipeline": "lcm_kit.pipelines",
+    "LCMXLPipeline": "lcm_kit.pipelines",
     "CMMultistepScheduler": "lcm_kit.schedulers",
     "CMPipeline": "lcm_kit.pipelines",
     "add_lcm_lora": "lcm_kit.lora",

@@ -74,13 +74,14 @@ def make_image_dataset(folder: Path, n: int = 8, size: int = 40, seed: int = 0) 
 
 @pytest.fixture(scope="session")
 def kit(tmp_path_factory):
-    """The tiny SD1 / SD2 kits saved as diffusers folders, and an 8-image imagefolder dataset."""
+    """The tiny SD1 / SD2 / SDXL kits saved as diffusers folders, and an 8-image imagefolder dataset."""
     from lcm_kit.testing import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("kit")
     return {
         "sd1": save_tiny_pipeline("sd1", root / "sd1"),
         "sd2": save_tiny_pipeline("sd2", root / "sd2"),
+        "sdxl": save_tiny_pipeline("sdxl", root / "sdxl"),
         "data": make_image_dataset(root / "data"),
     }
 

@@ -291,12 +291,13 @@ def test_lcm_distillation_loss_with_a_host_noise_schedule_and_device_latents(sol
 
 def objective_to_meta(objective):
     """Move every network and tensor the LCM objective holds to meta, as the trainer holds them on its device."""
-    for module in (objective.unet, objective.vae, objective.text_encoder, objective.teacher_unet,
-                   objective.target_unet):
+    objective.uncond_embeds  # computed on the CPU first, as the trainer computes it on its device
+    for module in (objective.unet, objective.vae, objective.text_encoder, objective.text_encoder_2,
+                   objective.teacher_unet, objective.target_unet):
         if module is not None:
             module.to(META)
     objective.loss.alphas_cumprod = objective.loss.alphas_cumprod.to(META)
-    objective.uncond_embeds = objective.uncond_embeds.to(META)
+    objective.prompts.to(META)
     objective.device = META
     return objective
 
@@ -326,7 +327,7 @@ def test_lcm_objective_on_meta(lcm_objective, mode, cached):
     if cached:
         assert not audit.host_to_device, audit.host_to_device
     else:
-        assert audit.host_to_device and all(" in encode_prompts:" in h for h in audit.host_to_device), (
+        assert audit.host_to_device and all(" in encode:" in h for h in audit.host_to_device), (
             audit.host_to_device)
 
 

@@ -15,11 +15,12 @@ from diffusers.utils import make_image_grid
 from .. import digits
 from ..argtypes import MAX_SEED, device_name, float_range, int_range
 from ..lora import load_lora_weights_strict
-from ..pipelines import LCMPipeline
+from ..pipelines import LCMPipeline, LCMXLPipeline
+from ..pipelines.families import detect_family, pipeline_class_for
 from ..testing import tiny_sd_components
 from ..utils import DTYPES, dtype_kwarg, resolve_device, resolve_dtype
 
-TINY_MODELS = ("tiny-sd1",)  # built offline from lcm_kit.testing; run anywhere, produce noise-like images
+TINY_MODELS = ("tiny-sd1", "tiny-sdxl")  # built offline from lcm_kit.testing; run anywhere, produce noise-like images
 MAX_SIDE = 8192  # pixels; far beyond any SD 1.x / 2.x model, small enough that a typo fails here, not in malloc
 
 DESCRIPTION = """\
@@ -29,6 +30,8 @@ Generate images in a few steps with LCMPipeline and save them as a PNG (a grid i
     lcm-kit generate --lora lcm-quickstart/lcm-lora --prompt "a handwritten 7"  # ... with a distilled LCM-LoRA
     lcm-kit generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --lora latent-consistency/lcm-lora-sdv1-5 --prompt "a photo of a cat" --output cat.png
+    lcm-kit generate --model stabilityai/stable-diffusion-xl-base-1.0 \\
+        --lora latent-consistency/lcm-lora-sdxl --prompt "a photo of a cat" --output cat-xl.png
 
 --lora is loaded strictly: safetensors files only (a pickled .bin / .pt / .ckpt is refused, never unpickled), and
 every tensor is applied, or the command stops with an error naming the file and what is wrong with it.
@@ -41,8 +44,9 @@ every tensor is applied, or the command stops with an error naming the file and 
 
 
 def load_pipeline(model: str | None = None, lora: str | None = None, device: str | None = None, dtype=None):
-    """An ``LCMPipeline`` from ``model`` (a local diffusers folder, a Hub id, ``None`` for the shipped digits teacher,
-    or ``"tiny-sd1"`` for the offline tiny kit), with the LoRA ``lora`` (a file, folder or Hub id) loaded by
+    """An ``LCMPipeline`` (SD 1.x / 2.x) or ``LCMXLPipeline`` (SDXL, told apart by ``model_index.json``) from
+    ``model`` (a local diffusers folder, a Hub id, ``None`` for the shipped digits teacher, or ``"tiny-sd1"`` /
+    ``"tiny-sdxl"`` for the offline tiny kit), with the LoRA ``lora`` (a file, folder or Hub id) loaded by
     :func:`lcm_kit.lora.load_lora_weights_strict` (safetensors only; every tensor applied or a ValueError).
 
     Raises ``FileNotFoundError`` for a missing local path, ``OSError`` naming the model when it cannot be loaded
@@ -50,15 +54,25 @@ def load_pipeline(model: str | None = None, lora: str | None = None, device: str
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if model in TINY_MODELS:
-        pipe = LCMPipeline(**tiny_sd_components(model.removeprefix("tiny-")), requires_safety_checker=False)
+        kind = model.removeprefix("tiny-")
+        if kind == "sdxl":
+            pipe = LCMXLPipeline(**tiny_sd_components(kind))
+        else:
+            pipe = LCMPipeline(**tiny_sd_components(kind), requires_safety_checker=False)
         if dtype != torch.float32:  # the kit builds float32
             pipe.to(dtype=dtype)
     else:
         model = str(digits.teacher_path()) if model is None else model
         _check_local_path("model", model)
         try:
+            pipeline_class = pipeline_class_for(detect_family(model))
+        except OSError as err:
+            raise OSError(model_load_error("model", model, err)) from err
+        except ValueError as err:
+            raise ValueError(f"--model: {err}") from err
+        try:
             # use_safetensors=True: diffusers would otherwise fall back to unpickling *.bin weights.
-            pipe = LCMPipeline.from_pretrained(model, use_safetensors=True, **{dtype_kwarg(): dtype})
+            pipe = pipeline_class.from_pretrained(model, use_safetensors=True, **{dtype_kwarg(): dtype})
         except (OSError, ValueError) as err:
             raise OSError(model_load_error("model", model, err)) from err
     if lora is not None:
@@ -108,9 +122,9 @@ def add_generate_parser(subparsers) -> None:
         description=DESCRIPTION,
     )
     p.add_argument("--model", default=None,
-                   help="diffusers folder or Hub id (an SD 1.x / 2.x model, or a distilled LCM); without it the "
-                        "shipped digits teacher (lcm_kit.digits.teacher_path(), 32x32, prompts like 'a handwritten "
-                        "7'); 'tiny-sd1' is a random offline test model that draws noise")
+                   help="diffusers folder or Hub id (an SD 1.x / 2.x or SDXL model, or a distilled LCM); without it "
+                        "the shipped digits teacher (lcm_kit.digits.teacher_path(), 32x32, prompts like 'a "
+                        "handwritten 7'); 'tiny-sd1' / 'tiny-sdxl' are random offline test models that draw noise")
     p.add_argument("--lora", default=None,
                    help="LCM-LoRA .safetensors file, folder holding pytorch_lora_weights.safetensors, or Hub id "
                         "(e.g. latent-consistency/lcm-lora-sdv1-5), loaded strictly: safetensors only, every tensor "

@@ -12,8 +12,11 @@ from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 
 
 class LCMPipelineLoading:
-    """``load_lora_weights``, ``from_pretrained`` and ``save_pretrained`` of LCMPipeline (a mixin over diffusers'
-    ``DiffusionPipeline`` and LoRA loader)."""
+    """``load_lora_weights``, ``from_pretrained`` and ``save_pretrained`` of LCMPipeline and LCMXLPipeline (a mixin
+    over diffusers' ``DiffusionPipeline`` and LoRA loader)."""
+
+    #: The stock diffusers pipeline ``save_pretrained`` names in ``model_index.json``: (distilled LCM, LCM-LoRA base).
+    stock_pipeline_names = ("LatentConsistencyModelPipeline", "StableDiffusionPipeline")
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap: bool = False,
                           **kwargs):
@@ -60,7 +63,7 @@ class LCMPipelineLoading:
                 self.register_modules(scheduler=scheduler)
         index_file = os.path.join(save_directory, "model_index.json")
         index = json.loads(open(index_file, encoding="utf-8").read())
-        index["_class_name"] = "LatentConsistencyModelPipeline" if self.is_distilled else "StableDiffusionPipeline"
+        index["_class_name"] = self.stock_pipeline_names[0 if self.is_distilled else 1]
         with open(index_file, "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

@@ -33,17 +33,14 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..consistency import guidance_scale_embedding
 from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 from .fast_inference import FastInferenceMixin, with_fast_inference
+from .lcm_denoise import IMG2IMG_DEFAULT_STRENGTH, ConsistencyDenoisingLoop, cond_half
 from .lcm_inputs import LCMPipelineInputChecks, without_alpha
 from .lcm_loading import LCMPipelineLoading
 
 logger = logging.get_logger(__name__)
 
-DISTILLED_DEFAULT_GUIDANCE = 8.5  # w = 7.5 + 1: the common distillation target of published LCMs
-LORA_DEFAULT_GUIDANCE = 1.0  # LCM-LoRA: no classifier-free guidance
-IMG2IMG_DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image pipelines' default
 
 
 def as_consistency_scheduler(scheduler):
@@ -63,7 +60,13 @@ def as_consistency_scheduler(scheduler):
     return converted
 
 
-class LCMPipeline(FastInferenceMixin, LCMPipelineInputChecks, LCMPipelineLoading, LatentConsistencyModelPipeline):
+class LCMPipeline(
+    FastInferenceMixin,
+    ConsistencyDenoisingLoop,
+    LCMPipelineInputChecks,
+    LCMPipelineLoading,
+    LatentConsistencyModelPipeline,
+):
     r"""Few-step generation with a latent consistency model on Stable Diffusion 1.x / 2.x components.
 
     Components are those of diffusers' ``StableDiffusionPipeline`` (``vae``, ``text_encoder``, ``tokenizer``,
@@ -170,25 +173,6 @@ class LCMPipeline(FastInferenceMixin, LCMPipelineInputChecks, LCMPipelineLoading
         finally:
             if scale_text_lora:
                 unscale_lora_layers(self.text_encoder, lora_scale)
-
-    @property
-    def is_distilled(self) -> bool:
-        """True for a fully distilled LCM (guidance enters the UNet as a w-embedding), False for LCM-LoRA."""
-        return self.unet.config.time_cond_proj_dim is not None
-
-    @property
-    def default_guidance_scale(self) -> float:
-        """What ``guidance_scale=None`` means: 8.5 for a distilled LCM, 1.0 (no guidance) for an LCM-LoRA."""
-        return DISTILLED_DEFAULT_GUIDANCE if self.is_distilled else LORA_DEFAULT_GUIDANCE
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        # Real CFG only for a UNet without guidance conditioning (LCM-LoRA) and a scale above 1.
-        return self._guidance_scale > 1 and not self.is_distilled
-
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
 
     @with_fast_inference
     @torch.no_grad()
@@ -356,12 +340,7 @@ class LCMPipeline(FastInferenceMixin, LCMPipelineInputChecks, LCMPipelineLoading
             )
 
         # 4. Guidance embedding of a distilled LCM: w = guidance_scale - 1 (diffusers' convention).
-        w_embedding = None
-        if self.is_distilled:
-            w = torch.full((num_images,), guidance_scale - 1.0)
-            w_embedding = guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
-                device=device, dtype=latents.dtype
-            )
+        w_embedding = self._w_embedding(num_images, guidance_scale, device, latents.dtype)
 
         step_kwargs = {"generator": generator}
         if gamma is not None and isinstance(self.scheduler, ConsistencyScheduler):
@@ -369,44 +348,23 @@ class LCMPipeline(FastInferenceMixin, LCMPipelineInputChecks, LCMPipelineLoading
 
         # 5. LCM multistep sampling. Guidance is read at every step: a callback may turn it off part-way.
         self._num_timesteps = len(timesteps)
-        denoised = latents
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                do_cfg = self.do_classifier_free_guidance and prompt_embeds.shape[0] == 2 * latents.shape[0]
-                latents = latents.to(prompt_embeds.dtype)
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                model_pred = self.unet(
-                    model_input,
-                    t,
-                    timestep_cond=w_embedding,
-                    encoder_hidden_states=prompt_embeds,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    added_cond_kwargs=added_cond_kwargs,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    pred_uncond, pred_cond = model_pred.chunk(2)
-                    model_pred = pred_uncond + self._guidance_scale * (pred_cond - pred_uncond)
+        conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                        "w_embedding": w_embedding}
 
-                latents, denoised = self.scheduler.step(model_pred, t, latents, **step_kwargs, return_dict=False)
+        def unet_kwargs(tensors, batch):
+            kwargs = {"encoder_hidden_states": tensors["prompt_embeds"], "timestep_cond": tensors["w_embedding"],
+                      "added_cond_kwargs": None}
+            if added_cond_kwargs is not None:
+                embeds = added_cond_kwargs["image_embeds"]
+                if tensors["prompt_embeds"].shape[0] == batch:  # guidance turned off: the conditional half
+                    embeds = [cond_half(e, batch) for e in embeds]
+                kwargs["added_cond_kwargs"] = {"image_embeds": embeds}
+            return kwargs
 
-                if callback_on_step_end is not None:
-                    local_tensors = locals()
-                    callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    denoised = callback_outputs.pop("denoised", denoised)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    w_embedding = callback_outputs.pop("w_embedding", w_embedding)
-                    if added_cond_kwargs is not None and prompt_embeds.shape[0] == latents.shape[0]:
-                        # guidance turned off: keep only the conditional half of the IP-Adapter embeddings
-                        added_cond_kwargs = {"image_embeds": [e.chunk(2)[-1] if e.shape[0] == 2 * latents.shape[0]
-                                                              else e for e in added_cond_kwargs["image_embeds"]]}
-                progress_bar.update()
+        denoised = self._consistency_denoise(latents, timesteps, conditioning, unet_kwargs, step_kwargs,
+                                             cross_attention_kwargs, callback_on_step_end,
+                                             callback_on_step_end_tensor_inputs)
+        prompt_embeds = conditioning["prompt_embeds"]
 
         # 6. Decode the last denoised prediction (the consistency function's output).
         denoised = denoised.to(prompt_embeds.dtype)

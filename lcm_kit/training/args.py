@@ -165,7 +165,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="Train on the first N samples only (in dataset order).")
     group.add_argument("--resolution", type=_positive_int, default=512,
                        help="Training image side in pixels, a multiple of 8; images are resized (shorter side) and "
-                            "cropped to it, and one smaller than resolution / 8 is a bad sample.")
+                            "cropped to it, and one smaller than resolution / 8 is a bad sample. LCM distillation of "
+                            "an SDXL teacher: 1024.")
     group.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop) to --resolution.")
     group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     group.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0,
@@ -192,8 +193,12 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
     group.add_argument("--num_ddim_timesteps", type=_positive_int, default=50, help="Skip-step grid size (k = T / N).")
     group.add_argument("--solver", type=str, default="ddim", choices=SOLVERS, help="Teacher ODE solver.")
     group.add_argument("--w_min", type=_non_negative, default=w_min,
-                       help="Guidance w ~ U[w_min, w_max], x0 = c + w (c - u) (CFG scale w + 1).")
-    group.add_argument("--w_max", type=_non_negative, default=w_max, help="Upper end of the guidance range.")
+                       help="Guidance w ~ U[w_min, w_max], x0 = c + w (c - u) (CFG scale w + 1). SDXL teacher: 3.")
+    group.add_argument("--w_max", type=_non_negative, default=w_max,
+                       help="Upper end of the guidance range. SDXL teacher: 15.")
+    group.add_argument("--use_fix_crop_and_size", action="store_true",
+                       help="SDXL: condition on original size = target size = resolution and crop (0, 0) instead of "
+                            "each sample's own original size and crop corner.")
     group.add_argument("--timestep_scaling_factor", type=_positive, default=10.0,
                        help="Boundary-scaling timestep factor (saved with the model's scheduler).")
     group.add_argument("--loss_type", type=str, default="huber", choices=LCM_LOSS_TYPES,
@@ -206,7 +211,8 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
     group.add_argument("--cache_text_embeddings", action="store_true",
                        help="Encode the captions once and train from the cache.")
     group.add_argument("--vae_encode_batch_size", type=_positive_int, default=32,
-                       help="Images per VAE encode (the cache build, or each step's batch in chunks).")
+                       help="Images per VAE encode (the cache build, or each step's batch in chunks). SDXL "
+                            "teacher: 8.")
     group.add_argument("--validation_guidance_scale", type=_non_negative, default=None,
                        help="Guidance of the validation images (default 1.0 for LoRA, 8.0 for full).")
     group.add_argument("--validation_num_inference_steps", type=_positive_int, default=4,
@@ -364,6 +370,22 @@ def validate_data_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     if not isinstance(args.skip_bad_samples, bool):
         raise ValueError(f"--skip_bad_samples is a switch (True / False), got {args.skip_bad_samples!r}.")
+
+
+#: Where diffusers' SDXL distillation scripts default differently from the SD 1.x / 2.x ones (the parser defaults).
+SDXL_DEFAULTS = {"resolution": 1024, "w_min": 3.0, "w_max": 15.0, "vae_encode_batch_size": 8}
+
+
+def apply_family_defaults(args: argparse.Namespace, family: str, given) -> argparse.Namespace:
+    """For an SDXL teacher (``family == "sdxl"``), set each flag of :data:`SDXL_DEFAULTS` that is not in ``given``
+    (the command line's tokens) to its SDXL default; an SD 1.x / 2.x teacher keeps the parser defaults."""
+    if family != "sdxl":
+        return args
+    flags = {token.split("=", 1)[0] for token in given if token.startswith("--")}
+    for name, value in SDXL_DEFAULTS.items():
+        if f"--{name}" not in flags:
+            setattr(args, name, value)
+    return args
 
 
 def validate_lcm_args(args: argparse.Namespace) -> None:

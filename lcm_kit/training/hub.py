@@ -81,7 +81,21 @@ def _is_hub_id(name: str) -> bool:
             and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
 
 
-def _usage_snippet(base_model: str, hub_model_id: str, lora: bool) -> str:
+def _usage_snippet(base_model: str, hub_model_id: str, lora: bool, sdxl: bool = False) -> str:
+    if sdxl and not lora:
+        return f'''```python
+import torch
+from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{hub_model_id}", subfolder="unet", torch_dtype=torch.float16)
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", unet=unet, torch_dtype=torch.float16)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe = pipe.to("cuda")
+
+# The guidance scale is an input of the distilled UNet (guidance embedding), applied in a single pass.
+image = pipe("a photo of an astronaut riding a horse", num_inference_steps=4, guidance_scale=8.0).images[0]
+image.save("lcm.png")
+```'''
     if lora:
         return f'''```python
 import torch
@@ -131,8 +145,10 @@ def render_model_card(
     extra_tags: Iterable[str] = (),
     metrics: Mapping[str, Any] | None = None,
     datasets: str | Sequence[str] | None = None,
+    sdxl: bool = False,
 ) -> str:
-    """A Hub model card (``README.md``) for an LCM-LoRA (``lora=True``) or a fully distilled LCM UNet.
+    """A Hub model card (``README.md``) for an LCM-LoRA (``lora=True``) or a fully distilled LCM UNet (``sdxl``:
+    of an SDXL base, tagged ``sdxl``, the snippet uses ``StableDiffusionXLPipeline``).
 
     Front matter: ``base_model`` (when it is a Hub id; a local teacher path is named in the text only),
     ``license`` when known, ``library_name: diffusers``, tags lcm / lora / diffusers / text-to-image / lcm-kit
@@ -146,7 +162,7 @@ def render_model_card(
     if not isinstance(hub_model_id, str) or not hub_model_id:
         raise ValueError(f"hub_model_id must be a non-empty string, got {hub_model_id!r}")
     tags = list(_STANDARD_TAGS[:1]) + (["lora"] if lora else []) + list(_STANDARD_TAGS[1:])
-    tags += [t for t in extra_tags if t not in tags]
+    tags += [t for t in [*extra_tags, *(["sdxl"] if sdxl else [])] if t not in tags]
     base_is_hub_id = _is_hub_id(base_model)
     data = ModelCardData(
         base_model=base_model if base_is_hub_id else None,
@@ -168,7 +184,7 @@ def render_model_card(
     sections = [
         f"# {kind}: {hub_model_id}",
         f"Distilled from {teacher} with lcm-kit (latent consistency distillation). {what}",
-        "## Usage\n\n" + _usage_snippet(base_model if base_is_hub_id else "<base model>", hub_model_id, lora),
+        "## Usage\n\n" + _usage_snippet(base_model if base_is_hub_id else "<base model>", hub_model_id, lora, sdxl),
     ]
     if validation_image:
         sections.append(f"## Validation samples (4 steps)\n\n![validation images]({validation_image})")
@@ -243,9 +259,10 @@ def _validation_image(args, result) -> str | None:
     return os.path.relpath(result.validation_grids[-1], args.output_dir) if result.validation_grids else None
 
 
-def render_lcm_model_card(args, lora: bool, result, command: Sequence[str] | None = None) -> str:
-    """:func:`render_model_card` for an LCM-LoRA / full LCM run: base model, license, tags, command, 4-step
-    snippet, validation grid, final loss and steps."""
+def render_lcm_model_card(args, lora: bool, result, command: Sequence[str] | None = None,
+                          family: str = "sd") -> str:
+    """:func:`render_model_card` for an LCM-LoRA / full LCM run of a ``family`` ("sd" or "sdxl") teacher: base
+    model, license, tags, command, 4-step snippet, validation grid, final loss and steps."""
     dataset = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else None
     return render_model_card(
         base_model=str(args.pretrained_teacher_model),
@@ -256,6 +273,7 @@ def render_lcm_model_card(args, lora: bool, result, command: Sequence[str] | Non
         validation_image=_validation_image(args, result),
         metrics={"final loss": result.last_loss, "steps": result.global_step},
         datasets=dataset,
+        sdxl=family == "sdxl",
     )
 
 

@@ -27,22 +27,24 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..consistency import append_dims, guidance_scale_embedding
+from ..consistency import guidance_scale_embedding
 from ..lora import add_lcm_lora, export_kohya, save_lora_weights
-from ..pipelines import LCMPipeline
+from ..pipelines import LCMPipeline, LCMXLPipeline
 from ..schedulers import ConsistencyScheduler
 from ..utils import sample_latents, unwrap_model
 from . import hub
-from .args import build_lcm_lora_parser, build_lcm_parser, validate_data_args, validate_lcm_args, validate_training_args
+from .args import (apply_family_defaults, build_lcm_lora_parser, build_lcm_parser, validate_data_args,
+                   validate_lcm_args, validate_training_args)
 from .data import build_dataloader_from_args, build_encoded_cache, load_train_dataset_from_args
 from .fused_lora import fused_lora_forward, lora_fusion_blockers
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
 from .losses import LCMDistillationConfig, LCMDistillationLoss
+from .teachers import load_teacher_components, teacher_family
+from .text_conditioning import prompt_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,10 @@ class LCMObjective(TrainingObjective):
         self.weight_dtype = weight_dtype_for(accelerator)
         self.name = "lcm-lora-distill" if mode == "lora" else "lcm-distill"
         components = components or load_teacher_components(args)
-        self.tokenizer = components["tokenizer"]
+        self.family = "sdxl" if components.get("text_encoder_2") is not None else "sd"
+        self.components = components
+        self.tokenizer, self.text_encoder = components["tokenizer"], components["text_encoder"]
+        self.tokenizer_2, self.text_encoder_2 = components.get("tokenizer_2"), components.get("text_encoder_2")
         self.teacher_scheduler_config = dict(components["scheduler"].config)
         config = config_from_args(
             args,
@@ -113,8 +118,11 @@ class LCMObjective(TrainingObjective):
         self.vae = components["vae"].requires_grad_(False).eval()
         # The VAE stays fp32 (SD VAEs overflow in fp16; with --cache_latents it runs once anyway).
         _place(self.vae, self.device, torch.float32)
-        self.text_encoder = components["text_encoder"].requires_grad_(False).eval()
-        _place(self.text_encoder, self.device, self.weight_dtype)
+        for name in ("text_encoder", "text_encoder_2"):
+            if components.get(name) is not None:
+                _place(components[name].requires_grad_(False).eval(), self.device, self.weight_dtype)
+        self.prompts = prompt_conditioning(components, self.device, args.resolution,
+                                           args.use_fix_crop_and_size)
 
         teacher_unet = components["unet"].requires_grad_(False)
         if teacher_unet.config.time_cond_proj_dim is not None:
@@ -155,12 +163,15 @@ class LCMObjective(TrainingObjective):
         self.fuse_student_lora = self.fuse_target_lora = False
         if mode == "lora":
             self._choose_lora_fusion()
-        with torch.no_grad():
-            self.uncond_embeds = self.encode_prompts([""])["prompt_embeds"]
 
     @property
     def config(self) -> LCMDistillationConfig:
         return self.loss.config
+
+    @property
+    def uncond_embeds(self) -> torch.Tensor:
+        """(1, sequence, hidden) prompt embeddings of the teacher's unconditional branch."""
+        return self.prompts.uncond(1)["prompt_embeds"]
 
     def _choose_lora_fusion(self):
         """Run the adapter fused (one op per LoRA layer) wherever that is exactly peft's function."""
@@ -176,16 +187,9 @@ class LCMObjective(TrainingObjective):
         self.fuse_student_lora = not self.args.gradient_checkpointing
 
     # ---- encoders (also used to build the caches) ---------------------------------------------------------
-    @torch.no_grad()
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        ids = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return {"prompt_embeds": self.text_encoder(ids)[0].float()}
+        """The conditioning tensors of ``captions`` (``prompt_embeds``; SDXL adds ``pooled_prompt_embeds``)."""
+        return self.prompts.encode(captions)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -205,14 +209,14 @@ class LCMObjective(TrainingObjective):
         """Identity of the encoders that produce cached tensors (a changed model or dtype never reuses a cache)."""
         digest = hashlib.sha256(CACHE_FORMAT_VERSION.encode())
         digest.update(json.dumps([str(self.args.pretrained_teacher_model), self.args.revision, self.args.variant]).encode())
-        for module in (self.vae, self.text_encoder):
+        for module in (self.vae, *self.prompts.modules()):
             digest.update(json.dumps(dict(module.config) if isinstance(module.config, dict) else module.config.to_dict(),
                                      sort_keys=True, default=str).encode())
             digest.update(str(next(module.parameters()).dtype).encode())
             with torch.no_grad():  # a cheap weight checksum: catches re-trained weights at the same path
                 sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
             digest.update(sums.cpu().numpy().tobytes())
-        digest.update(str(self.tokenizer.model_max_length).encode())
+        digest.update(str([tokenizer.model_max_length for tokenizer in self.prompts.tokenizers]).encode())
         return digest.hexdigest()[:32]
 
     # ---- TrainingObjective ----------------------------------------------------------------------------------
@@ -233,21 +237,30 @@ class LCMObjective(TrainingObjective):
         else:
             raise ValueError(f"batch must hold 'pixel_values' or 'latents', got keys {sorted(batch)}.")
         if "prompt_embeds" in batch:
-            prompt_embeds = batch["prompt_embeds"].to(self.device, torch.float32)
+            names = [name for name in self.prompts.uncond(1)]
+            missing = [name for name in names if name not in batch]
+            if missing:
+                raise ValueError(f"the cached text embeddings lack {missing} (a cache of another model family?); "
+                                 f"got keys {sorted(batch)}.")
+            cond = {name: batch[name].to(self.device, torch.float32) for name in names}
         elif "captions" in batch:
-            prompt_embeds = self.encode_prompts(batch["captions"])["prompt_embeds"]
+            cond = self.encode_prompts(batch["captions"])
         else:
             raise ValueError(f"batch must hold 'captions' or 'prompt_embeds', got keys {sorted(batch)}.")
-        return latents, prompt_embeds
+        return latents, cond
 
     def compute_loss(self, model, batch, step, generator):
         args, device = self.args, self.device
-        latents, prompt_embeds = self._batch_latents_and_embeds(batch, generator)
+        latents, cond = self._batch_latents_and_embeds(batch, generator)
         batch_size = latents.shape[0]
-        uncond = self.uncond_embeds.expand(batch_size, -1, -1)
+        uncond = self.prompts.uncond(batch_size)
         if args.proportion_empty_prompts > 0:
             empty = torch.rand(batch_size, generator=generator, device=device) < args.proportion_empty_prompts
-            prompt_embeds = torch.where(append_dims(empty, prompt_embeds.ndim), uncond, prompt_embeds)
+            cond = self.prompts.with_empty_prompts(cond, empty)
+        if self.family == "sdxl":  # one micro-conditioning for both branches, as diffusers' SDXL scripts
+            time_ids = self.prompts.time_ids(batch, batch_size)
+            cond, uncond = dict(cond, time_ids=time_ids), dict(uncond, time_ids=time_ids)
+        both = {name: torch.cat([cond[name], uncond[name]]) for name in cond}
         plain = unwrap_model(model)
 
         def w_embedding(w):
@@ -258,7 +271,7 @@ class LCMObjective(TrainingObjective):
         def student(x, t, w):
             # (the prepared module already autocasts; this also covers an objective used without prepare)
             with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_student_lora):
-                return model(x, t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding(w)).sample
+                return model(x, t, timestep_cond=w_embedding(w), **self.prompts.unet_kwargs(cond)).sample
 
         def teacher(x, t):
             # cond and uncond in ONE batched forward
@@ -266,14 +279,14 @@ class LCMObjective(TrainingObjective):
                 out = unet(
                     torch.cat([x, x]).to(self.weight_dtype),
                     torch.cat([t, t]),
-                    encoder_hidden_states=torch.cat([prompt_embeds, uncond]).to(self.weight_dtype),
+                    **self.prompts.unet_kwargs(both, dtype=self.weight_dtype),
                 ).sample
             return out.float().chunk(2)
 
         def target(x, t, w):
             unet = self.target_unet if self.mode == "full" else plain
             with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_target_lora):
-                return unet(x, t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding(w)).sample.float()
+                return unet(x, t, timestep_cond=w_embedding(w), **self.prompts.unet_kwargs(cond)).sample.float()
 
         output = self.loss(student, teacher, target, latents, generator)
         return output.loss.mean(), {}
@@ -303,16 +316,13 @@ class LCMObjective(TrainingObjective):
         )
 
     def validation_pipeline(self, model):
-        return LCMPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.inference_unet(model),
-            scheduler=self.inference_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        """LCMPipeline (SD 1.x / 2.x) or LCMXLPipeline (SDXL) over the teacher's encoders and the distilled UNet."""
+        encoders = {name: self.components[name] for name in ("text_encoder", "tokenizer", "text_encoder_2",
+                                                             "tokenizer_2") if self.components.get(name) is not None}
+        common = dict(vae=self.vae, unet=self.inference_unet(model), scheduler=self.inference_scheduler(), **encoders)
+        if self.family == "sdxl":
+            return LCMXLPipeline(**common, add_watermarker=False)
+        return LCMPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     @torch.no_grad()
     def validate(self, model, step):
@@ -357,49 +367,25 @@ class LCMObjective(TrainingObjective):
             # A complete pipeline folder (the teacher's VAE, text encoder and tokenizer, the EMA target UNet, its
             # scheduler), loadable by lcm-kit and stock LatentConsistencyModelPipeline; the text encoder is saved
             # in float32 whatever precision it trained in.
-            text_encoder_dtype = next(self.text_encoder.parameters()).dtype
-            self.text_encoder.to(torch.float32)
+            text_encoders = self.prompts.modules()
+            trained_dtype = next(text_encoders[0].parameters()).dtype
+            for module in text_encoders:
+                module.to(torch.float32)
             try:
                 self.validation_pipeline(model).save_pretrained(output_dir, safe_serialization=True)
             finally:
-                self.text_encoder.to(text_encoder_dtype)
+                for module in text_encoders:
+                    module.to(trained_dtype)
             written += [str(output_dir / name) for name in ("model_index.json", "unet", "scheduler", "vae",
                                                             "text_encoder", "tokenizer")]
+            if self.family == "sdxl":
+                written += [str(output_dir / name) for name in ("text_encoder_2", "tokenizer_2")]
         return written
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading, data, the whole run
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def load_teacher_components(args) -> dict:
-    """Tokenizer, text encoder, VAE, UNet and noise schedule of the teacher folder / Hub id."""
-
-    source = args.pretrained_teacher_model
-    common = dict(revision=args.revision, cache_dir=args.cache_dir)
-    try:
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--pretrained_teacher_model={source!r} is not a diffusers Stable Diffusion folder or Hub id "
-            f"(no scheduler/ found): {error}"
-        ) from error
-    if args.pretrained_vae_model_name_or_path:
-        vae_source = args.pretrained_vae_model_name_or_path
-        try:
-            vae = AutoencoderKL.from_pretrained(vae_source, subfolder="vae", **common)
-        except (OSError, ValueError):
-            vae = AutoencoderKL.from_pretrained(vae_source, **common)
-    else:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
-    return dict(
-        scheduler=scheduler,
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common),
-        vae=vae,
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common),
-    )
 
 
 def build_train_dataloader(args, source, objective: LCMObjective, accelerator):
@@ -441,7 +427,7 @@ def train_lcm_distillation(args, mode: str, hub_client=None, command: Sequence[s
     dataloader = build_train_dataloader(args, source, objective, accelerator)
     result = run_training(args, accelerator, objective, dataloader)
     if args.push_to_hub and accelerator.is_main_process:
-        card = hub.render_lcm_model_card(args, mode == "lora", result, command)
+        card = hub.render_lcm_model_card(args, mode == "lora", result, command, family=objective.family)
         hub.push_training_outputs(args, card, client=hub_client)
     return result
 
@@ -450,7 +436,14 @@ def main_for_mode(mode: str, argv: Sequence[str] | None = None, hub_client=None)
     """The entry point of ``train_lcm_lora`` (``mode="lora"``) or ``train_lcm`` (``"full"``): parse ``argv``
     (default ``sys.argv[1:]``) and run :func:`train_lcm_distillation`."""
     parser = build_lcm_lora_parser() if mode == "lora" else build_lcm_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    # SDXL teachers take diffusers' SDXL script defaults for the flags not given (the family is read from the folder).
+    try:
+        family = teacher_family(args)
+    except ValueError:
+        family = None  # reported when the teacher is loaded, after the data checks
+    apply_family_defaults(args, family, given=argv)
     script = "train_lcm_lora.py" if mode == "lora" else "train_lcm.py"
-    command = [script, *(sys.argv[1:] if argv is None else argv)]
+    command = [script, *argv]
     return train_lcm_distillation(args, mode, hub_client=hub_client, command=command)

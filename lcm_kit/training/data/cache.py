@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .examples import PreprocessedDataset, StreamingPreprocessedDataset, read_example, split_item
 from .sources import TextImageSource
-from .transforms import check_resolution, choose_caption, collate_text_image, preprocess_image, sample_rng
+from .transforms import (check_resolution, choose_caption, collate_text_image, flipped_crop_top_left, preprocess_image,
+                         sample_rng)
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
-# Rows that caches written by earlier lcm-kit versions also hold (SDXL micro-conditioning); they are not read.
-_LEGACY_ROWS = ("original_sizes", "crop_top_lefts", "crop_top_lefts_flipped")
-_RESERVED_NAMES = ("latents", "latents_flipped", "captions", "pixel_values") + _LEGACY_ROWS
+CACHE_FORMAT_VERSION = 2  # 2: each row also holds the SDXL micro-conditioning (original size, crop corner)
+_GEOMETRY_ROWS = ("original_sizes", "crop_top_lefts")
+_RESERVED_NAMES = ("latents", "latents_flipped", "captions", "pixel_values", "crop_top_lefts_flipped") + _GEOMETRY_ROWS
 
 
 def encoded_cache_key(source: TextImageSource, fingerprint: Any, resolution: int, center_crop: bool,
@@ -55,7 +55,8 @@ def encoded_cache_key(source: TextImageSource, fingerprint: Any, resolution: int
 class EncodedCache(Dataset):
     """Encoded samples stored as safetensors shards (read lazily, one row at a time).
 
-    Items (``index`` or ``(index, epoch)``) are ``{"latents", <prompt tensors>..., "captions"}``; with
+    Items (``index`` or ``(index, epoch)``) are ``{"latents", <prompt tensors>..., "original_sizes",
+    "crop_top_lefts", "captions"}`` (the crop corner mirrored with the latents when flipped); with
     ``random_flip`` the mirrored latents are returned for the samples whose ``(seed, epoch, index)`` draw says
     flip. When latents were not cached (text-only cache) the item holds ``pixel_values`` preprocessed from the
     source instead.
@@ -119,10 +120,11 @@ class EncodedCache(Dataset):
         if self.random_flip:
             flip = bool(sample_rng(self.seed, epoch, index).random() < 0.5)
         example = {}
+        mirrored = {"latents": "latents_flipped", "crop_top_lefts": "crop_top_lefts_flipped"}
         for name in self.tensor_names:
-            if name == "latents_flipped" or name in _LEGACY_ROWS:
+            if name in mirrored.values():
                 continue
-            example[name] = self._row("latents_flipped" if flip and name == "latents" else name, index)
+            example[name] = self._row(mirrored[name] if flip and name in mirrored else name, index)
         if not self.has_latents:
             # Replay the encode-time draws (caption choice, then crop) so the crop matches the cached captions;
             # read_example picks the same replacement for a bad sample as the encode pass did.
@@ -194,7 +196,7 @@ def build_encoded_cache(
                                       num_workers)
         total = len(source) if source.is_map_style else None
         num_samples, tensor_names, captions = _encode_into(tmp, examples, total, bool(random_flip), encode_images,
-                                                           encode_prompts, samples_per_shard)
+                                                           encode_prompts, samples_per_shard, resolution)
         if source.num_skipped_samples:
             logger.warning("skip_bad_samples: %d bad sample(s) skipped while encoding the cache (each one named "
                            "in an earlier warning)", source.num_skipped_samples)
@@ -227,7 +229,7 @@ def _examples_in_order(source: TextImageSource, resolution: int, center_crop: bo
 
 
 def _encode_into(directory: Path, batches, total: int | None, random_flip: bool, encode_images, encode_prompts,
-                 samples_per_shard: int):
+                 samples_per_shard: int, resolution: int):
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -252,6 +254,12 @@ def _encode_into(directory: Path, batches, total: int | None, random_flip: bool,
         for batch in batches:
             count = len(batch["captions"])
             outputs: dict[str, torch.Tensor] = {}
+            for name in _GEOMETRY_ROWS:
+                outputs[name] = batch[name]
+            if random_flip:
+                outputs["crop_top_lefts_flipped"] = torch.tensor(
+                    [flipped_crop_top_left(size.tolist(), corner.tolist(), resolution)
+                     for size, corner in zip(batch["original_sizes"], batch["crop_top_lefts"])], dtype=torch.int64)
             if encode_images is not None:
                 outputs["latents"] = _check_output(encode_images(batch["pixel_values"]), count, "encode_images")
                 if random_flip:

@@ -1,16 +1,18 @@
-"""Torch datasets of preprocessed examples ``{"pixel_values", "captions"}`` over a source, map-style or streaming,
-and the policy for bad samples (raise, naming the sample; or skip it with ``skip_bad_samples``)."""
+"""Torch datasets of preprocessed examples ``{"pixel_values", "captions", "original_sizes", "crop_top_lefts"}`` over
+a source, map-style or streaming, and the policy for bad samples (raise, naming the sample; or skip it with ``skip_bad_samples``)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
+import torch
+
 from torch.utils.data import Dataset, IterableDataset
 
 from .errors import BadSampleError
 from .sources import TextImageSource
-from .transforms import check_resolution, choose_caption, preprocess_image, sample_rng
+from .transforms import check_resolution, choose_caption, preprocess_image_and_geometry, sample_rng
 
 logger = logging.getLogger("lcm_kit.training.data")
 
@@ -26,8 +28,15 @@ def split_item(item) -> tuple[int, int]:
 def make_example(image, caption, rng, spec) -> dict:
     """One example; the sample's draws in order: caption choice, then crop, then flip."""
     caption = choose_caption(caption, rng)
-    pixel_values = preprocess_image(image, spec.resolution, spec.center_crop, spec.random_flip, rng)
-    return {"pixel_values": pixel_values, "captions": caption}
+    pixel_values, original_size, crop_top_left = preprocess_image_and_geometry(
+        image, spec.resolution, spec.center_crop, spec.random_flip, rng)
+    return {"pixel_values": pixel_values, "captions": caption, **geometry_rows(original_size, crop_top_left)}
+
+
+def geometry_rows(original_size, crop_top_left) -> dict:
+    """SDXL micro-conditioning of a sample as int64 (2,) tensors (batched like the pixels)."""
+    return {"original_sizes": torch.tensor(original_size, dtype=torch.int64),
+            "crop_top_lefts": torch.tensor(crop_top_left, dtype=torch.int64)}
 
 
 def _example_at(source: TextImageSource, index: int, make: Callable, known_bad: dict | None = None) -> dict:

@@ -102,6 +102,27 @@ def preprocess_image(
     rng: np.random.Generator | None = None,
     flip: bool | None = None,
 ) -> torch.Tensor:
+    """:func:`preprocess_image_and_geometry` without the geometry."""
+    return preprocess_image_and_geometry(image, resolution, center_crop, random_flip, rng, flip)[0]
+
+
+def flipped_crop_top_left(original_size, crop_top_left, resolution: int) -> tuple[int, int]:
+    """The crop corner in the mirrored resized image of a crop taken at ``crop_top_left`` (``original_size`` is
+    (height, width) before the resize)."""
+    height, width = original_size
+    new_w = max(resolution, round(width * resolution / min(width, height)))
+    top, left = crop_top_left
+    return top, new_w - left - resolution
+
+
+def preprocess_image_and_geometry(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    random_flip: bool,
+    rng: np.random.Generator | None = None,
+    flip: bool | None = None,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize the shorter side to ``resolution`` (bilinear), crop a square, maybe flip, scale to [-1, 1].
 
     Args:
@@ -116,7 +137,10 @@ def preprocess_image(
         ValueError: the image's shorter side is below ``resolution / MAX_UPSCALE``.
 
     Returns:
-        float32 pixel values ``(3, resolution, resolution)`` in [-1, 1].
+        float32 pixel values ``(3, resolution, resolution)`` in [-1, 1]; the image's ``(height, width)`` before the
+        resize and the crop's ``(top, left)`` corner in the resized image, mirrored with the image when flipped
+        (SDXL's micro-conditioning; diffusers' SDXL scripts write ``resolution - left`` there, which is not the
+        flipped crop's corner).
     """
     resolution = check_resolution(resolution)
     check_image_size(image, resolution)
@@ -139,10 +163,13 @@ def preprocess_image(
         if random_flip and rng is None:
             raise ValueError("rng is required for random_flip=True")
         flip = bool(random_flip and rng.random() < 0.5)
+    crop_top_left = (top, left)
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        crop_top_left = flipped_crop_top_left((height, width), crop_top_left, resolution)
     array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return pixels, (height, width), crop_top_left
 
 
 def collate_text_image(examples: list[dict]) -> dict:
