@@ -20,6 +20,7 @@ imports.
     python benchmarks/bench_train_step.py                 # CPU tiny config (tiny SD1-shaped kit, 32^2, batch 8, r 8)
     python benchmarks/bench_train_step.py --config gpu    # SD1.5-shaped random weights, 512^2, batch 8, fp16, r 64
     python benchmarks/bench_train_step.py --threads 1 --torch_compile --no_peak_memory   # + the compiled trainer
+    python benchmarks/bench_train_step.py --config gpu-sdxl   # SDXL-shaped, 1024^2, batch 4, r 64, fp16, grad ckpt
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from machine import cpu_name
 CONFIGS = {
     "cpu": dict(kind="tiny", resolution=32, batch_size=8, rank=8, mixed_precision="no", device="cpu"),
     "gpu": dict(kind="sd15", resolution=512, batch_size=8, rank=64, mixed_precision="fp16", device="cuda"),
+    # SDXL LCM-LoRA with gradient checkpointing: lcm-kit's step and peak memory only (no reference formulation)
+    "cpu-sdxl": dict(kind="tiny-sdxl", resolution=32, batch_size=4, rank=8, mixed_precision="no", device="cpu",
+                     gradient_checkpointing=True, variants=("lcm-kit",)),
+    "gpu-sdxl": dict(kind="sdxl", resolution=1024, batch_size=4, rank=64, mixed_precision="fp16", device="cuda",
+                     gradient_checkpointing=True, variants=("lcm-kit",)),
 }
 
 
@@ -74,16 +80,48 @@ def sd15_shaped_components(seed: int = 0) -> dict:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler)
 
 
+def sdxl_shaped_components(seed: int = 0) -> dict:
+    """Stable Diffusion XL-shaped components with random weights (nothing downloaded)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lcm_kit.testing import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=1024,
+        scaling_factor=0.13025,
+    )
+    ids = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
+               pad_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                num_hidden_layers=12, hidden_act="quick_gelu", **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu",
+        projection_dim=1280, **ids))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(), scheduler=scheduler)
+
+
 def build_components(cfg) -> dict:
-    if cfg["kind"] == "tiny":
+    if cfg["kind"] in ("tiny", "tiny-sdxl"):
         from diffusers import DDPMScheduler
 
         from lcm_kit.testing import tiny_sd_components
 
-        components = tiny_sd_components("sd1")
+        components = tiny_sd_components("sdxl" if cfg["kind"] == "tiny-sdxl" else "sd1")
         components["scheduler"] = DDPMScheduler.from_config(components["scheduler"].config)
         return components
-    return sd15_shaped_components()
+    return sdxl_shaped_components() if cfg["kind"] == "sdxl" else sd15_shaped_components()
 
 
 def make_args(cfg, torch_compile: bool = False):
@@ -94,6 +132,7 @@ def make_args(cfg, torch_compile: bool = False):
         "--resolution", str(cfg["resolution"]), "--train_batch_size", str(cfg["batch_size"]),
         "--lora_rank", str(cfg["rank"]), "--lora_alpha", str(cfg["rank"]), "--report_to", "none",
         "--mixed_precision", cfg["mixed_precision"], *(["--torch_compile"] if torch_compile else []),
+        *(["--gradient_checkpointing"] if cfg.get("gradient_checkpointing") else []),
     ])
 
 
@@ -125,6 +164,9 @@ class LcmKitStep:
         raw = make_batch(cfg)
         self.batch = {"latents": self.objective.encode_images(raw["pixel_values"]).cpu(),
                       **{k: v.cpu() for k, v in self.objective.encode_prompts(raw["captions"]).items()}}
+        if self.objective.family == "sdxl":  # the cache's micro-conditioning rows: square images, centre crops
+            n, r = cfg["batch_size"], cfg["resolution"]
+            self.batch.update(original_sizes=torch.full((n, 2), r), crop_top_lefts=torch.zeros(n, 2, dtype=torch.int64))
 
     def step(self, i):
         batch = {k: v.to(self.accelerator.device) for k, v in self.batch.items()}
@@ -361,8 +403,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--config gpu needs a CUDA device.")
-    variant_classes = dict(VARIANTS)
+        raise SystemExit(f"--config {args.config} needs a CUDA device.")
+    variant_classes = {name: cls for name, cls in VARIANTS.items() if name in cfg.get("variants", VARIANTS)}
     if args.compare_fusion:
         variant_classes.update(FUSION_VARIANTS)
     if args.torch_compile:
@@ -370,7 +412,8 @@ def main(argv=None):
     result = time_interleaved(cfg, args.warmup, args.steps, variant_classes)
     if cfg["device"] == "cpu" and not args.no_peak_memory:
         for name in VARIANTS:
-            result[name]["peak_gib"] = child_peak_rss(args.config, name)
+            if name in result:
+                result[name]["peak_gib"] = child_peak_rss(args.config, name)
     import accelerate
     import diffusers
     import peft
@@ -381,20 +424,22 @@ def main(argv=None):
         "config": args.config, **cfg, "device_name": card, "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
         "peft": peft.__version__, "steps": args.steps, "warmup": args.warmup, "results": result,
-        "time_ratio": result["lcm-kit"]["ms_median"] / result["reference"]["ms_median"],
-        "memory_ratio": (result["lcm-kit"]["peak_gib"] / result["reference"]["peak_gib"]
-                         if "peak_gib" in result["reference"] else None),
         "load_average": os.getloadavg(),
     }
-    report["time_ratios"] = {name: figures["ms_median"] / result["reference"]["ms_median"]
-                             for name, figures in result.items() if name != "reference"}
+    reference = result.get("reference")
+    report["time_ratio"] = result["lcm-kit"]["ms_median"] / reference["ms_median"] if reference else None
+    report["memory_ratio"] = (result["lcm-kit"]["peak_gib"] / reference["peak_gib"]
+                              if reference and "peak_gib" in reference else None)
+    report["time_ratios"] = {name: figures["ms_median"] / reference["ms_median"]
+                             for name, figures in result.items() if reference and name != "reference"}
     print(f"{args.config}: {card}; torch {torch.__version__}, diffusers {diffusers.__version__}")
     for name, figures in result.items():
         peak = f"   peak {figures['peak_gib'] * 1024:8.1f} MiB" if "peak_gib" in figures else ""
         print(f"  {name:24s} {figures['ms_median']:9.1f} ms/step (median; mean {figures['ms_mean']:.1f})"
               f"{peak}   first step {figures['first_step_s']:.1f} s")
     memory = f", peak memory {report['memory_ratio']:.2f}x" if report["memory_ratio"] is not None else ""
-    print(f"  ratio lcm-kit / reference: time {report['time_ratio']:.2f}x{memory}")
+    if reference:
+        print(f"  ratio lcm-kit / reference: time {report['time_ratio']:.2f}x{memory}")
     for name, ratio in report["time_ratios"].items():
         if name != "lcm-kit":
             print(f"  ratio {name} / reference: time {ratio:.2f}x")
