@@ -80,12 +80,21 @@ def test_sdxl_objective_on_meta(lcm_objective):
     assert loss.device == META
 
 
-def test_lora_run_loads_completely_in_stock_sdxl_and_as_kohya(kit, tmp_path, train_argv, reset_accelerate):
+def test_lora_run_loads_completely_in_stock_sdxl_and_as_kohya(kit, tmp_path, train_argv, reset_accelerate,
+                                                              hub_client, hub_token):
+    """A short SDXL LCM-LoRA run with validation and a Hub upload (fake client): the adapter loads completely in
+    stock SDXL (alpha kept: it equals lcm-kit's strict load), the kohya export gives the same result."""
     from lcm_kit.training.train_lcm_lora import main as train_lcm_lora
 
     out = tmp_path / "lora"
-    train_lcm_lora(sdxl_argv(train_argv, out)[:-1] + ["--lora_rank", "4", "--lora_alpha", "8", "--export_kohya",
-                                                      "--learning_rate", "1e-2", "--validation_prompts"])
+    train_lcm_lora(sdxl_argv(train_argv, out)[:-1] + [
+        "--lora_rank", "4", "--lora_alpha", "8", "--export_kohya", "--learning_rate", "1e-2",
+        "--validation_prompts", "a red cube", "--validation_steps", "4",
+        "--push_to_hub", "--hub_model_id", "me/lcm-lora-sdxl", "--hub_token", hub_token], hub_client=hub_client)
+    (_, repo_id, _), (_, upload, files) = hub_client.calls
+    assert repo_id == "me/lcm-lora-sdxl" and {"README.md", "pytorch_lora_weights.safetensors"} <= files
+    card = (out / "README.md").read_text()
+    assert "- sdxl" in card and "validation/step-000004.png" in card and hub_token not in card
     lora_file = out / "pytorch_lora_weights.safetensors"
     stock = StableDiffusionXLPipeline.from_pretrained(kit["sdxl"])
     stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)

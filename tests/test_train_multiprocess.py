@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from safetensors.torch import load_file
 
 DRIVER = textwrap.dedent(
@@ -43,11 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_identically_and_only_rank0_writes(tmp_path, train_argv):
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_two_cpu_processes_train_identically_and_only_rank0_writes(tmp_path, train_argv, kind):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     out = tmp_path / "out"
-    argv = train_argv(out, steps=3)[:-1] + ["--validation_prompts", "a red square", "--validation_steps", "2",
+    argv = train_argv(out, kind=kind, steps=3)[:-1] + ["--validation_prompts", "a red square", "--validation_steps", "2",
                                                "--checkpointing_steps", "2", "--lora_rank", "4",
                                                "--learning_rate", "1e-3"]
     # --multi_gpu is accelerate's torchrun launcher; ACCELERATE_USE_CPU makes the ranks MULTI_CPU (gloo backend),
