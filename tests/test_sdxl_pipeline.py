@@ -180,3 +180,21 @@ def test_fp16_vae_is_upcast_for_decoding(lora_kit):
         assert (decoded - reference).abs().max().item() < 1e-2
     finally:
         pipe.vae.to(torch.float32)
+
+
+def test_generate_takes_sdxl_folders_and_names_an_unsupported_family(tmp_path):
+    from PIL import Image
+
+    from lcm_kit.cli import main
+    from lcm_kit.testing import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("sdxl", tmp_path / "xl")
+    assert main(["generate", "--model", str(folder), "--prompt", "a cat", "--num_inference_steps", "2",
+                 "--output", str(tmp_path / "xl.png")]) == 0
+    assert Image.open(tmp_path / "xl.png").size == (32, 32)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusion3Pipeline"
+    index["transformer"] = index.pop("unet")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"StableDiffusion3Pipeline with components \[.*'transformer'.*SDXL"):
+        main(["generate", "--model", str(folder), "--prompt", "a cat", "--output", str(tmp_path / "x.png")])
