@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ..consistency import guidance_scale_embedding
+from .lcm_inputs import without_alpha
 
 DISTILLED_DEFAULT_GUIDANCE = 8.5  # w = 7.5 + 1: the common distillation target of published LCMs
 LORA_DEFAULT_GUIDANCE = 1.0  # LCM-LoRA: no classifier-free guidance
@@ -37,6 +39,32 @@ class ConsistencyDenoisingLoop:
     @property
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
+
+    def _begin_call(self, guidance_scale, clip_skip, cross_attention_kwargs, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs, image, timesteps, num_inference_steps, **checked):
+        """The start of every ``__call__``: the guidance default and call state, alpha composited away, every input
+        checked (``checked``: the other arguments of ``check_inputs``). Returns ``(guidance_scale, image,
+        callback_on_step_end_tensor_inputs)``."""
+        if self.scheduler is None:
+            raise ValueError(f"This {type(self).__name__} has no scheduler (built with scheduler=None); set "
+                             "`pipe.scheduler`.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        image = without_alpha(image)
+        self.check_inputs(
+            image=image,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps if timesteps is None else None,
+            guidance_scale=guidance_scale,
+            **checked,
+        )
+        return guidance_scale, image, callback_on_step_end_tensor_inputs
 
     def _w_embedding(self, num_images: int, guidance_scale: float, device, dtype) -> torch.Tensor | None:
         """A distilled LCM's guidance embedding of ``w = guidance_scale - 1`` (diffusers' convention); ``None`` for

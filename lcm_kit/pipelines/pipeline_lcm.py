@@ -36,7 +36,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 from .fast_inference import FastInferenceMixin, with_fast_inference
 from .lcm_denoise import IMG2IMG_DEFAULT_STRENGTH, ConsistencyDenoisingLoop, cond_half
-from .lcm_inputs import LCMPipelineInputChecks, without_alpha
+from .lcm_inputs import LCMPipelineInputChecks
 from .lcm_loading import LCMPipelineLoading
 
 logger = logging.get_logger(__name__)
@@ -245,36 +245,13 @@ class LCMPipeline(
                 (diffusers' ``SDCFGCutoffCallback`` turns classifier-free guidance off part-way): it is read at
                 every step.
         """
-        if self.scheduler is None:
-            raise ValueError("This LCMPipeline has no scheduler (built with scheduler=None); set `pipe.scheduler`.")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        image = without_alpha(image)
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            prompt_embeds,
-            negative_prompt,
-            negative_prompt_embeds,
-            num_images_per_prompt,
-            generator,
-            image,
-            strength,
-            gamma,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            num_inference_steps=num_inference_steps if timesteps is None else None,
-            guidance_scale=guidance_scale,
-            latents=latents,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
+        guidance_scale, image, callback_on_step_end_tensor_inputs = self._begin_call(
+            guidance_scale, clip_skip, cross_attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, image, timesteps, num_inference_steps,
+            prompt=prompt, height=height, width=width, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, strength=strength, gamma=gamma, output_type=output_type, latents=latents,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
         if image is None:
             height = height or self.unet.config.sample_size * self.vae_scale_factor

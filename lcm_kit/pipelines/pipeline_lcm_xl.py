@@ -32,7 +32,7 @@ from transformers import (
 
 from ..schedulers import ConsistencyScheduler
 from .lcm_denoise import IMG2IMG_DEFAULT_STRENGTH, ConsistencyDenoisingLoop, cond_half
-from .lcm_inputs import LCMPipelineInputChecks, is_int, without_alpha
+from .lcm_inputs import LCMPipelineInputChecks, is_int
 from .lcm_loading import LCMPipelineLoading
 from .pipeline_lcm import as_consistency_scheduler
 
@@ -179,36 +179,13 @@ class LCMXLPipeline(ConsistencyDenoisingLoop, LCMPipelineInputChecks, LCMPipelin
         Without a negative prompt, the unconditional embeddings are zeros when the pipeline's
         ``force_zeros_for_empty_prompt`` is set (SDXL's default), as in diffusers.
         """
-        if self.scheduler is None:
-            raise ValueError("This LCMXLPipeline has no scheduler (built with scheduler=None); set `pipe.scheduler`.")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        image = without_alpha(image)
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            prompt_embeds,
-            negative_prompt,
-            negative_prompt_embeds,
-            num_images_per_prompt,
-            generator,
-            image,
-            strength,
-            gamma,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            num_inference_steps=num_inference_steps if timesteps is None else None,
-            guidance_scale=guidance_scale,
-            latents=latents,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
+        guidance_scale, image, callback_on_step_end_tensor_inputs = self._begin_call(
+            guidance_scale, clip_skip, cross_attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, image, timesteps, num_inference_steps,
+            prompt=prompt, height=height, width=width, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, strength=strength, gamma=gamma, output_type=output_type, latents=latents,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
         )
         sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
                      target_size=target_size, negative_original_size=negative_original_size,

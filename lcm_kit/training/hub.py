@@ -82,20 +82,6 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _usage_snippet(base_model: str, hub_model_id: str, lora: bool, sdxl: bool = False) -> str:
-    if sdxl and not lora:
-        return f'''```python
-import torch
-from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-unet = UNet2DConditionModel.from_pretrained("{hub_model_id}", subfolder="unet", torch_dtype=torch.float16)
-pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", unet=unet, torch_dtype=torch.float16)
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-pipe = pipe.to("cuda")
-
-# The guidance scale is an input of the distilled UNet (guidance embedding), applied in a single pass.
-image = pipe("a photo of an astronaut riding a horse", num_inference_steps=4, guidance_scale=8.0).images[0]
-image.save("lcm.png")
-```'''
     if lora:
         return f'''```python
 import torch
@@ -109,12 +95,13 @@ pipe.load_lora_weights("{hub_model_id}")
 image = pipe("a photo of an astronaut riding a horse", num_inference_steps=4, guidance_scale=1.0).images[0]
 image.save("lcm.png")
 ```'''
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "LatentConsistencyModelPipeline"
     return f'''```python
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers import {pipeline}, LCMScheduler, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("{hub_model_id}", subfolder="unet", torch_dtype=torch.float16)
-pipe = LatentConsistencyModelPipeline.from_pretrained("{base_model}", unet=unet, torch_dtype=torch.float16)
+pipe = {pipeline}.from_pretrained("{base_model}", unet=unet, torch_dtype=torch.float16)
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe = pipe.to("cuda")
 
