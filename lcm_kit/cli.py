@@ -15,8 +15,9 @@ from .argtypes import CommandParser
 from .commands.eval import add_eval_parser
 from .commands.generate import add_generate_parser
 from .commands.quickstart import add_quickstart_parser
+from .commands.serve import add_serve_parser
 
-SUBCOMMANDS = [add_generate_parser, add_eval_parser, add_quickstart_parser]
+SUBCOMMANDS = [add_generate_parser, add_eval_parser, add_quickstart_parser, add_serve_parser]
 
 
 def build_parser() -> CommandParser:
