@@ -42,10 +42,11 @@ RESUME_FLAGS = ["--lora_rank", "4", "--learning_rate", "1e-3", "--lr_scheduler",
                 "--random_flip", "--lora_dropout", "0.1"]
 
 
-def test_sigkill_while_writing_a_checkpoint_with_limit_1_loses_nothing(tmp_path, train_argv):
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_sigkill_while_writing_a_checkpoint_with_limit_1_loses_nothing(tmp_path, train_argv, kind):
     """--checkpoints_total_limit 1: the old checkpoint is removed only once the new one is complete, so a run killed
-    while it writes checkpoint-4 still has checkpoint-2, resumes from it and ends bit-exact."""
-    argv = lambda out: train_argv(out, steps=6) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1",  # noqa: E731
+    while it writes checkpoint-4 still has checkpoint-2, resumes from it and ends bit-exact (SD and SDXL teachers)."""
+    argv = lambda out: train_argv(out, kind=kind, steps=6) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1",  # noqa: E731
                                                     *RESUME_FLAGS]
     reference = _popen("train_lcm_lora", argv(tmp_path / "ref"))
     out = tmp_path / "killed"
