@@ -16,8 +16,9 @@ from .commands.eval import add_eval_parser
 from .commands.generate import add_generate_parser
 from .commands.quickstart import add_quickstart_parser
 from .commands.serve import add_serve_parser
+from .commands.tune_steps import add_tune_steps_parser
 
-SUBCOMMANDS = [add_generate_parser, add_eval_parser, add_quickstart_parser, add_serve_parser]
+SUBCOMMANDS = [add_generate_parser, add_eval_parser, add_quickstart_parser, add_serve_parser, add_tune_steps_parser]
 
 
 def build_parser() -> CommandParser:

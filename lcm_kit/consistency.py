@@ -21,6 +21,8 @@ import torch
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SOLVERS = ("ddim", "euler", "heun")
 LOSS_TYPES = ("l2", "l1", "huber", "pseudo_huber")
+# Where a latent consistency student maps a point of the teacher's trajectory (see :func:`target_timesteps`).
+TARGET_RULES = ("lcm", "pcm", "tcd")
 
 
 def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
@@ -176,6 +178,69 @@ def vp_solver_step(
         heun = x_scaled + (sigma_prev - sigma_t) * 0.5 * (derivative + derivative_prev)
         x_prev_scaled = torch.where(sigma_prev > 1e-6, heun, x_prev_scaled)
     return x_prev_scaled * alpha_prev.sqrt()
+
+
+def trajectory_map(model_output, sample, alpha_prod_t, alpha_prod_s, prediction_type: str = "epsilon",
+                   x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """The map ``x_t -> x_s`` of PCM and TCD: the network's x0 and eps at ``(sample, t)`` carried to the noise level
+    of ``s`` by DDIM, ``x_s = sqrt(a_s) x0 + sqrt(1 - a_s) eps`` (TCD's first-order trajectory consistency function,
+    PCM's phase map). At ``a_s = a_t`` it returns ``sample``: the boundary condition needs no scalings.
+
+    ``x0_transform`` acts on x0 only (a scheduler's clipping or thresholding; eps stays the network's)."""
+    pred_x0 = predicted_original_sample(model_output, sample, alpha_prod_t, prediction_type)
+    pred_eps = predicted_epsilon(model_output, sample, alpha_prod_t, prediction_type)
+    if x0_transform is not None:
+        pred_x0 = x0_transform(pred_x0)
+    return ddim_step(pred_x0, pred_eps, alpha_prod_s)
+
+
+def phase_edge_timesteps(num_phases: int, num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """PCM's phase edges on the skip-step grid, ascending: ``[0, e_1, ..., e_{M-1}]`` and the top ``T - 1`` last.
+
+    The edges above 0 are the timesteps of a ``num_phases``-step ``TCDScheduler`` on the same grid
+    (``original_inference_steps=num_ddim_timesteps``): entries ``floor(m N / M)`` of the descending grid,
+    so a PCM model samples with stock ``TCDScheduler(eta=0)`` at ``num_inference_steps=num_phases`` and walks exactly
+    its edges. Edge 0 is the end of the trajectory (timestep 0, where TCD's last step lands)."""
+    grid = ddim_timestep_grid(num_train_timesteps, num_ddim_timesteps)
+    if not 1 <= num_phases <= num_ddim_timesteps:
+        raise ValueError(f"num_phases must be in [1, num_ddim_timesteps={num_ddim_timesteps}], got {num_phases!r}.")
+    descending = grid[::-1]
+    upper = [int(descending[(m * num_ddim_timesteps) // num_phases]) for m in range(num_phases)]
+    return [0] + sorted(upper)
+
+
+def lower_phase_edge(timesteps: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The largest edge strictly below each timestep (``edges`` ascending, ``edges[0] = 0``; t = 0 gives 0)."""
+    index = torch.searchsorted(edges, timesteps, right=False)
+    return edges[(index - 1).clamp(min=0)]
+
+
+def target_timesteps(rule: str, start: torch.Tensor, prev: torch.Tensor, skip: int, phase_edges=None,
+                     generator=None):
+    """The two times of one distillation pair and the time ``s`` both are mapped to, per ``rule``:
+
+    * ``"lcm"``: ``s = 0``, the origin (LCM; mapped with the boundary scalings, :func:`lcm_consistency_function`);
+    * ``"pcm"``: ``s`` = the lower edge of ``start``'s phase, and the teacher step stops there
+      (``prev = max(prev, s)``): a pair never crosses an edge;
+    * ``"tcd"``: ``s`` uniform over the skip-grid points at or below ``prev`` and the end (``0``), as TCD draws
+      ``m ~ U[0, n]`` for a pair ``(t_{n+k}, t_n)``.
+
+    ``start``/``prev`` are per-sample long timesteps from :func:`lcm_kit.training.losses.sample_skip_timesteps`
+    (``prev = start - skip`` or 0). Returns ``(prev, s)``; ``s`` is drawn from ``generator`` only for ``"tcd"``."""
+    if rule == "lcm":
+        return prev, torch.zeros_like(start)
+    if rule == "pcm":
+        if phase_edges is None:
+            raise ValueError("rule 'pcm' needs phase_edges (see phase_edge_timesteps).")
+        s = lower_phase_edge(start, phase_edges)
+        return torch.maximum(prev, s), s
+    if rule == "tcd":
+        # prev = index * skip - 1 (or 0): the grid points <= prev are m * skip - 1 for m = 1 .. index, plus 0.
+        choices = (start + 1) // skip
+        u = torch.rand(start.shape, generator=generator, device=start.device)
+        m = (u * choices).long().clamp(max=choices - 1)
+        return prev, (m * skip - 1).clamp(min=0)
+    raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}.")
 
 
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32):

@@ -269,12 +269,12 @@ def test_skip_timesteps_are_drawn_on_the_device_and_are_the_ddim_grid_points(num
     assert not audit.host_to_device, audit.host_to_device
 
 
-@pytest.mark.parametrize("solver", ["ddim", "heun"])
-def test_lcm_distillation_loss_with_a_host_noise_schedule_and_device_latents(solver):
+@pytest.mark.parametrize("solver,rule", [("ddim", "lcm"), ("heun", "lcm"), ("heun", "pcm"), ("heun", "tcd")])
+def test_lcm_distillation_loss_with_a_host_noise_schedule_and_device_latents(solver, rule):
     """The loss holds alphas_cumprod as built (on the CPU); indexing it with device timesteps is a device error on
-    CUDA, so it moves the table to the latents' device once."""
+    CUDA, so it moves the table (and PCM's phase edges) to the latents' device once. TCD's s is drawn there."""
     alphas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    loss_fn = LCMDistillationLoss(alphas, LCMDistillationConfig(solver=solver))
+    loss_fn = LCMDistillationLoss(alphas, LCMDistillationConfig(solver=solver, target_rule=rule, num_ddim_timesteps=10))
 
     def student(x, t, w):
         return 0.9 * x
@@ -285,8 +285,8 @@ def test_lcm_distillation_loss_with_a_host_noise_schedule_and_device_latents(sol
     with DeviceAudit() as audit:
         out = loss_fn(student, teacher, student, meta_randn(3, 4, 8, 8))
         again = loss_fn(student, teacher, student, meta_randn(3, 4, 8, 8))
-    assert_on_meta(out.loss, out.prediction, out.target, out.w, again.loss)
-    assert len(audit.host_to_device) == 1, audit.host_to_device  # the table, once
+    assert_on_meta(out.loss, out.prediction, out.target, out.w, again.loss, *out.timesteps)
+    assert len(audit.host_to_device) == (2 if rule == "pcm" else 1), audit.host_to_device  # the tables, once
 
 
 def objective_to_meta(objective):
@@ -297,6 +297,8 @@ def objective_to_meta(objective):
         if module is not None:
             module.to(META)
     objective.loss.alphas_cumprod = objective.loss.alphas_cumprod.to(META)
+    if objective.loss.phase_edges is not None:
+        objective.loss.phase_edges = objective.loss.phase_edges.to(META)
     objective.prompts.to(META)
     objective.device = META
     return objective
@@ -304,11 +306,11 @@ def objective_to_meta(objective):
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("cached", [True, False])
-def test_lcm_objective_on_meta(lcm_objective, mode, cached):
+def test_lcm_objective_on_meta(lcm_objective, mode, cached, method="lcm"):
     """LCM-LoRA (fused adapter, teacher = the same UNet with the adapter off) and full LCM (w-embedding student,
     EMA target): one batch's loss, its backward and the EMA on meta. With cached latents and text embeddings the
     step makes no host-to-device copy; uncached, only the tokenizer's ids travel."""
-    objective, _ = lcm_objective(mode)
+    objective, _ = lcm_objective(mode, method=method, num_phases=2 if method == "pcm" else None)
     objective_to_meta(objective)
     if cached:  # what --cache_latents / --cache_text_embeddings batches hold: VAE posterior parameters, embeddings
         batch = {"latents": meta_randn(2, 8, 4, 4), "prompt_embeds": meta_randn(2, 77, 32)}
@@ -329,6 +331,13 @@ def test_lcm_objective_on_meta(lcm_objective, mode, cached):
     else:
         assert audit.host_to_device and all(" in encode:" in h for h in audit.host_to_device), (
             audit.host_to_device)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("method", ["pcm", "tcd"])
+def test_pcm_and_tcd_objectives_on_meta(lcm_objective, mode, method):
+    """The PCM and TCD target rules in both modes, cached batch: no host-to-device copy in the step."""
+    test_lcm_objective_on_meta(lcm_objective, mode, True, method)
 
 
 def test_full_lcm_objective_under_bf16_mixed_precision(lcm_objective, lcm_batch):

@@ -48,7 +48,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "safetensors only, every tensor applied)")
     p.add_argument("--scheduler", nargs="+", default=["dpmsolver"], choices=SCHEDULERS,
                    help="dpmsolver; ddim (timestep_spacing='trailing'); lcm (diffusers LCMScheduler); "
-                        "consistency (lcm-kit ConsistencyScheduler); default (the folder's own)")
+                        "consistency (lcm-kit ConsistencyScheduler); tcd (diffusers TCDScheduler, for PCM / TCD "
+                        "LoRAs; the pipeline's eta is 0, PCM's value); default (the folder's own)")
     p.add_argument("--steps", nargs="+", type=int_range(1), default=[25], help="num_inference_steps values")
     p.add_argument("--guidance_scale", nargs="+", type=float_range(0.0, low_inclusive=False), default=[3.0],
                    help="guidance values")

@@ -17,6 +17,7 @@ from ..argtypes import MAX_SEED, device_name, float_range, int_range
 from ..lora import load_lora_weights_strict
 from ..pipelines import LCMPipeline, LCMXLPipeline
 from ..pipelines.families import detect_family, pipeline_class_for
+from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 from ..testing import tiny_sd_components
 from ..utils import DTYPES, dtype_kwarg, resolve_device, resolve_dtype
 
@@ -32,6 +33,8 @@ Generate images in a few steps with LCMPipeline and save them as a PNG (a grid i
         --lora latent-consistency/lcm-lora-sdv1-5 --prompt "a photo of a cat" --output cat.png
     lcm-kit generate --model stabilityai/stable-diffusion-xl-base-1.0 \\
         --lora latent-consistency/lcm-lora-sdxl --prompt "a photo of a cat" --output cat-xl.png
+    lcm-kit generate --lora pcm-lora --scheduler tcd --gamma 0 --original_inference_steps 10 \\
+        --num_inference_steps 2 --prompt "a handwritten 7"                    # a PCM-LoRA (2 phases, 10-point grid)
 
 --lora is loaded strictly: safetensors files only (a pickled .bin / .pt / .ckpt is refused, never unpickled), and
 every tensor is applied, or the command stops with an error naming the file and what is wrong with it.
@@ -140,6 +143,15 @@ def add_generate_parser(subparsers) -> None:
         help="without it: 1.0 for an SD model with an LCM-LoRA (no CFG; up to 2.0 is useful), 8.5 for a distilled "
              "LCM (its w + 1)",
     )
+    p.add_argument("--scheduler", default=None, choices=("consistency", "tcd"),
+                   help="consistency: LCM's sampler (LCMScheduler's); tcd: TCDScheduler's, for PCM and TCD models "
+                        "and LoRAs; without it the model folder's own (an SD folder's: consistency)")
+    p.add_argument("--gamma", type=float_range(0.0, 1.0), default=None,
+                   help="trajectory stochasticity in [0, 1]: TCDScheduler's eta with --scheduler tcd (PCM: 0, "
+                        "TCD: 0.3, its default); with consistency, 1 (LCM, the default) to 0 (deterministic)")
+    p.add_argument("--original_inference_steps", type=int_range(1), default=None,
+                   help="the skip grid the model was distilled on (--num_ddim_timesteps of the trainer; default: "
+                        "the scheduler config's, 50 for SD folders)")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="seed of the CPU noise generator")
     p.add_argument("--height", type=int_range(8, MAX_SIDE, multiple_of=8), default=None,
                    help="pixels, a multiple of 8; without it the model's native size")
@@ -164,6 +176,13 @@ def run_generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model, args.lora, args.device, args.dtype)
     except (OSError, ValueError) as err:
         raise SystemExit(f"lcm-kit generate: error: {err}") from err
+    scheduler_class = {"consistency": ConsistencyScheduler, "tcd": TrajectoryConsistencyScheduler}.get(args.scheduler)
+    overrides = {} if args.original_inference_steps is None else {
+        "original_inference_steps": args.original_inference_steps}
+    if scheduler_class is not None:
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+    elif overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     # A CPU generator gives the same image for a seed on every device (diffusers draws on CPU, then moves).
     generator = torch.Generator("cpu").manual_seed(args.seed)
     try:
@@ -176,6 +195,7 @@ def run_generate(args: argparse.Namespace) -> int:
             width=args.width,
             num_images_per_prompt=args.num_images,
             generator=generator,
+            gamma=args.gamma,
         ).images
     except ValueError as err:
         raise SystemExit(f"lcm-kit generate: error: {err}") from err

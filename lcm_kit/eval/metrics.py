@@ -17,14 +17,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler
 from tqdm.auto import tqdm
 
 from .. import digits
 from ..schedulers.scheduling_lcm import ConsistencyScheduler
 from .classifier import DigitClassifier
 
-SCHEDULERS = ("dpmsolver", "ddim", "lcm", "consistency", "default")
+SCHEDULERS = ("dpmsolver", "ddim", "lcm", "consistency", "tcd", "default")
 
 _CLASSIFIER_CACHE: dict = {}
 _REFERENCE_CACHE: dict = {}
@@ -138,23 +138,29 @@ def real_floor(classifier: DigitClassifier | None = None, num_per_digit: int = 2
     return evaluate_images(images[picks], labels[picks], classifier=classifier)
 
 
-def make_scheduler(name: str, config):
-    """A scheduler for ``name`` built from a pipeline's scheduler ``config``:
+def make_scheduler(name: str, config, **overrides):
+    """A scheduler for ``name`` built from a pipeline's scheduler ``config`` (``overrides``: config keys set on top,
+    e.g. ``original_inference_steps``):
 
     - ``"dpmsolver"``: ``DPMSolverMultistepScheduler.from_config(config)`` (diffusers' defaults);
     - ``"ddim"``: ``DDIMScheduler`` with ``timestep_spacing="trailing"`` (the few-step-correct grid: with SD's
       "leading" spacing a 1-step DDIM runs at t = 1 and says nothing);
     - ``"lcm"``: diffusers' ``LCMScheduler``; ``"consistency"``: lcm-kit's ``ConsistencyScheduler``;
+    - ``"tcd"``: diffusers' ``TCDScheduler`` (PCM and TCD models; its ``eta`` is a pipeline call argument);
     - ``"default"``: the pipeline's own scheduler, unchanged (returns ``None``)."""
     if name == "dpmsolver":
-        return DPMSolverMultistepScheduler.from_config(config)
+        return DPMSolverMultistepScheduler.from_config(config, **overrides)
     if name == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(config, **{"timestep_spacing": "trailing", **overrides})
     if name == "lcm":
-        return LCMScheduler.from_config(config)
+        return LCMScheduler.from_config(config, **overrides)
     if name == "consistency":
-        return ConsistencyScheduler.from_config(config)
+        return ConsistencyScheduler.from_config(config, **overrides)
+    if name == "tcd":
+        return TCDScheduler.from_config(config, **overrides)
     if name == "default":
+        if overrides:
+            raise ValueError(f"scheduler 'default' is the pipeline's own and takes no overrides, got {overrides}.")
         return None
     raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}.")
 
@@ -168,11 +174,14 @@ def generate_digits(
     batch_size: int = 100,
     digits_to_generate: Sequence[int] = tuple(range(10)),
     progress: bool = False,
+    output_type: str = "pt",
     **call_kwargs,
 ):
     """Images ``(N, 3, R, R)`` in [0, 1] and labels, ``num_per_digit`` per digit with the fixed prompt
     :func:`lcm_kit.digits.eval_prompt`. Image ``i`` (digit-major order) starts from the noise of
-    ``torch.Generator("cpu").manual_seed(seed + i)``, so results do not depend on ``batch_size`` or device."""
+    ``torch.Generator("cpu").manual_seed(seed + i)``, so results do not depend on ``batch_size`` or device, and two
+    pipelines with the same latent shape start from the same latents. ``output_type="latent"`` returns the final
+    latents instead of images."""
     if num_per_digit < 1:
         raise ValueError(f"num_per_digit must be >= 1, got {num_per_digit!r}.")
     labels = [d for d in digits_to_generate for _ in range(num_per_digit)]
@@ -187,7 +196,7 @@ def generate_digits(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
-            output_type="pt",
+            output_type=output_type,
             **call_kwargs,
         )
         images.append(output.images.float().cpu())
@@ -207,6 +216,7 @@ def evaluate_pipeline(
     progress: bool = False,
     standard_metrics: bool = False,
     return_images: bool = False,
+    scheduler_config: dict | None = None,
     **call_kwargs,
 ) -> dict | tuple[dict, torch.Tensor]:
     """Generate every digit with ``scheduler`` (see :func:`make_scheduler`) and score it.
@@ -214,12 +224,13 @@ def evaluate_pipeline(
     The pipeline's scheduler is swapped for the run and restored afterwards. Returns a row:
     ``{"name", "scheduler", "steps", "guidance_scale", "accuracy", "fd", "n", "per_digit_accuracy",
     "seconds"}`` (+ ``"standard_metrics"`` from :func:`optional_standard_metrics` when ``standard_metrics``);
-    ``call_kwargs`` go to the pipeline call (e.g. ``height``/``width``). With ``return_images`` returns
-    ``(row, images)``: the generated images in [0, 1], digit-major (``num_per_digit`` of 0, then of 1, ...)."""
+    ``scheduler_config``: config keys set on the scheduler (:func:`make_scheduler`'s ``overrides``);
+    ``call_kwargs`` go to the pipeline call (e.g. ``height``/``width``, ``eta``, ``timesteps``). With
+    ``return_images`` returns ``(row, images)``: the generated images in [0, 1], digit-major (``num_per_digit`` of 0, then of 1, ...)."""
     if int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}.")
     original = pipe.scheduler
-    replacement = make_scheduler(scheduler, original.config)
+    replacement = make_scheduler(scheduler, original.config, **(scheduler_config or {}))
     start = time.time()
     try:
         if replacement is not None:

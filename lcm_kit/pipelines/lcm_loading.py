@@ -39,19 +39,23 @@ class LCMPipelineLoading:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``from_pretrained``; a folder's ``LCMScheduler`` (what :meth:`save_pretrained` writes at
-        ``gamma=1``) comes back as the ``ConsistencyScheduler`` it equals, unless ``scheduler=`` is passed."""
+        """diffusers' ``from_pretrained``; a folder's ``LCMScheduler`` / ``TCDScheduler`` (what :meth:`save_pretrained`
+        writes) comes back as the ``ConsistencyScheduler`` / ``TrajectoryConsistencyScheduler`` it equals, unless
+        ``scheduler=`` is passed."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if "scheduler" not in kwargs and type(pipe.scheduler) is LCMScheduler:
             pipe.scheduler = ConsistencyScheduler.from_config(pipe.scheduler.config)
+        if "scheduler" not in kwargs and type(pipe.scheduler) is TCDScheduler:
+            pipe.scheduler = TrajectoryConsistencyScheduler.from_config(pipe.scheduler.config)
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """diffusers' ``save_pretrained``, written so that stock diffusers loads the folder without lcm-kit: the
         ``ConsistencyScheduler`` is saved as the diffusers scheduler it equals (``LCMScheduler`` at ``gamma=1``)
         and ``model_index.json`` names ``LatentConsistencyModelPipeline`` (a distilled LCM UNet) or
-        ``StableDiffusionPipeline`` (an SD UNet, for LCM-LoRA use), so ``DiffusionPipeline.from_pretrained`` and
-        ``AutoPipelineForText2Image`` load it; ``LCMPipeline.from_pretrained`` gets its ConsistencyScheduler back."""
+        ``StableDiffusionPipeline`` (an SD UNet, for LCM-LoRA use, or a distilled one with ``TCDScheduler``), so
+        ``DiffusionPipeline.from_pretrained`` and ``AutoPipelineForText2Image`` load it; ``LCMPipeline.from_pretrained``
+        gets its lcm-kit scheduler back."""
         scheduler = self.scheduler
         stock_scheduler = _stock_scheduler(scheduler)
         if stock_scheduler is not scheduler:
@@ -63,18 +67,21 @@ class LCMPipelineLoading:
                 self.register_modules(scheduler=scheduler)
         index_file = os.path.join(save_directory, "model_index.json")
         index = json.loads(open(index_file, encoding="utf-8").read())
-        index["_class_name"] = self.stock_pipeline_names[0 if self.is_distilled else 1]
+        # A distilled UNet with TCDScheduler (PCM / TCD) is named StableDiffusionPipeline, which feeds the
+        # w-embedding too: LatentConsistencyModelPipeline passes eta=None, which TCDScheduler.step rejects.
+        distilled_name = self.is_distilled and not isinstance(stock_scheduler, TCDScheduler)
+        index["_class_name"] = self.stock_pipeline_names[0 if distilled_name else 1]
         with open(index_file, "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _stock_scheduler(scheduler):
     """The diffusers scheduler an lcm-kit scheduler equals, when there is one (``LCMScheduler`` for a
-    ``ConsistencyScheduler`` at ``gamma=1``, ``TCDScheduler`` for a ``TrajectoryConsistencyScheduler`` at its default
-    ``gamma``, which is ``TCDScheduler.step``'s default ``eta``); otherwise the scheduler itself."""
+    ``ConsistencyScheduler`` at ``gamma=1``; ``TCDScheduler`` for a ``TrajectoryConsistencyScheduler``, whose
+    ``gamma`` stock pipelines pass per call as ``eta``); otherwise the scheduler itself."""
     config = {k: v for k, v in scheduler.config.items() if k != "gamma"} if scheduler is not None else None
     if type(scheduler) is ConsistencyScheduler and scheduler.config.gamma == 1.0:
         return LCMScheduler.from_config(config)
-    if type(scheduler) is TrajectoryConsistencyScheduler and scheduler.config.gamma == 0.3:
+    if type(scheduler) is TrajectoryConsistencyScheduler:
         return TCDScheduler.from_config(config)
     return scheduler

@@ -12,7 +12,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..consistency import ddim_step, predicted_epsilon, predicted_original_sample, vp_noise
+from ..consistency import trajectory_map, vp_noise
 from .scheduler_args import check_gamma
 from .scheduling_lcm import ConsistencyScheduler
 
@@ -172,12 +172,9 @@ class TrajectoryConsistencyScheduler(ConsistencyScheduler):
         alpha_prod_t_prev = self.alphas_cumprod[prev_timestep]
         alpha_prod_s = self.alphas_cumprod[timestep_s]
 
-        # 2. x0 and eps, then the trajectory consistency function's x_s (a DDIM move to s).
-        prediction_type = self.config.prediction_type
-        pred_x0 = predicted_original_sample(model_output, sample, alpha_prod_t, prediction_type)
-        pred_epsilon = predicted_epsilon(model_output, sample, alpha_prod_t, prediction_type)
-        pred_x0 = self._clip_or_threshold(pred_x0)
-        pred_noised_sample = ddim_step(pred_x0, pred_epsilon, alpha_prod_s)
+        # 2. The trajectory consistency function's x_s: x0 (clipped / thresholded if configured) and eps moved to s.
+        pred_noised_sample = trajectory_map(model_output, sample, alpha_prod_t, alpha_prod_s,
+                                            self.config.prediction_type, x0_transform=self._clip_or_threshold)
 
         # 3. Strategic stochastic sampling: re-noise x_s to t_prev, drawing noise exactly when TCDScheduler does
         # (which is also on the last kept step of a custom schedule shortened by strength: a_prev / a_s = 1 there).

@@ -29,7 +29,7 @@ import os
 import sys
 
 from ..argtypes import CommandParser, float_range, int_range
-from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, SOLVERS
+from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, SOLVERS, TARGET_RULES, phase_edge_timesteps
 from ..lora.adapter import LCM_LORA_TARGET_MODULES
 from .losses.cm import CONSISTENCY_LOSS_TYPES
 from .losses.cm import MODES as CM_MODES
@@ -190,6 +190,14 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
 
 def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: float = 15.0) -> None:
     group = parser.add_argument_group("latent consistency distillation")
+    group.add_argument("--method", type=str, default="lcm", choices=TARGET_RULES,
+                       help="Where the student maps each point of the teacher's trajectory: lcm (to the origin), pcm "
+                            "(Phased Consistency Models: to the lower edge of its phase, see --num_phases), tcd "
+                            "(Trajectory Consistency Distillation: to a random earlier time). pcm and tcd models "
+                            "sample with TCDScheduler (pcm: eta=0, num_inference_steps = --num_phases).")
+    group.add_argument("--num_phases", type=_positive_int, default=None,
+                       help="PCM's number of phases (= its sampling steps), at most --num_ddim_timesteps; --method "
+                            "pcm only (default 4).")
     group.add_argument("--num_ddim_timesteps", type=_positive_int, default=50, help="Skip-step grid size (k = T / N).")
     group.add_argument("--solver", type=str, default="ddim", choices=SOLVERS, help="Teacher ODE solver.")
     group.add_argument("--w_min", type=_non_negative, default=w_min,
@@ -215,8 +223,9 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
                             "teacher: 8.")
     group.add_argument("--validation_guidance_scale", type=_non_negative, default=None,
                        help="Guidance of the validation images (default 1.0 for LoRA, 8.0 for full).")
-    group.add_argument("--validation_num_inference_steps", type=_positive_int, default=4,
-                       help="Steps of the validation images (at most --num_ddim_timesteps).")
+    group.add_argument("--validation_num_inference_steps", type=_positive_int, default=None,
+                       help="Steps of the validation images (at most --num_ddim_timesteps; default 4, PCM: "
+                            "--num_phases).")
     group.add_argument("--torch_compile", action="store_true",
                        help="torch.compile the UNet(s) (opt-in: minutes of compile before the faster steps; "
                             "see benchmarks/RESULTS.md).")
@@ -389,6 +398,18 @@ def apply_family_defaults(args: argparse.Namespace, family: str, given) -> argpa
 
 
 def validate_lcm_args(args: argparse.Namespace) -> None:
+    if args.method != "pcm" and args.num_phases is not None:
+        raise ValueError(f"--num_phases only applies to --method pcm, got --method {args.method}.")
+    if args.method == "pcm":
+        if args.num_phases is None:
+            args.num_phases = 4
+        try:
+            phase_edge_timesteps(args.num_phases, args.num_ddim_timesteps)
+        except ValueError as error:
+            raise ValueError(f"--num_phases {args.num_phases}: {error} Lower --num_phases or raise "
+                             f"--num_ddim_timesteps.") from None
+    if args.validation_num_inference_steps is None:
+        args.validation_num_inference_steps = args.num_phases if args.method == "pcm" else 4
     if args.w_min > args.w_max:
         raise ValueError(f"--w_min must be <= --w_max, got w_min={args.w_min}, w_max={args.w_max}.")
     if args.validation_num_inference_steps > args.num_ddim_timesteps:

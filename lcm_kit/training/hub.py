@@ -81,7 +81,10 @@ def _is_hub_id(name: str) -> bool:
             and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
 
 
-def _usage_snippet(base_model: str, hub_model_id: str, lora: bool, sdxl: bool = False) -> str:
+def _usage_snippet(base_model: str, hub_model_id: str, lora: bool, sdxl: bool = False, method: str = "lcm",
+                   num_phases: int | None = None, num_ddim_timesteps: int = 50) -> str:
+    if method != "lcm":
+        return _trajectory_snippet(base_model, hub_model_id, lora, sdxl, method, num_phases, num_ddim_timesteps)
     if lora:
         return f'''```python
 import torch
@@ -111,6 +114,36 @@ image.save("lcm.png")
 ```'''
 
 
+def _trajectory_snippet(base_model, hub_model_id, lora, sdxl, method, num_phases, num_ddim_timesteps) -> str:
+    """PCM and TCD models sample with diffusers' TCDScheduler on their distillation grid: PCM deterministically
+    (eta 0) in as many steps as phases, which walks the phase edges; TCD with its gamma as eta (0.3)."""
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    steps, eta = (num_phases, 0.0) if method == "pcm" else (4, 0.3)
+    comment = (f"# PCM, {num_phases} phases: {num_phases} steps over the phase edges, deterministic (eta 0)"
+               if method == "pcm" else "# TCD: 4 steps (2-8 work), eta = TCD's gamma (0 deterministic, 0.3 default)")
+    if lora:
+        load = (f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
+                f'pipe.load_lora_weights("{hub_model_id}")')
+        imports, guidance = f"{pipeline}, TCDScheduler", 1.0
+    else:
+        load = (f'unet = UNet2DConditionModel.from_pretrained("{hub_model_id}", subfolder="unet", '
+                f'torch_dtype=torch.float16)\n'
+                f'pipe = {pipeline}.from_pretrained("{base_model}", unet=unet, torch_dtype=torch.float16).to("cuda")')
+        imports, guidance = f"{pipeline}, TCDScheduler, UNet2DConditionModel", 8.0
+    return f'''```python
+import torch
+from diffusers import {imports}
+
+{load}
+pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps={num_ddim_timesteps})
+
+{comment}
+image = pipe("a photo of an astronaut riding a horse", num_inference_steps={steps}, guidance_scale={guidance},
+             eta={eta}).images[0]
+image.save("{method}.png")
+```'''
+
+
 def render_card(title: str, sections: Sequence[str], card_data=None) -> str:
     """The one renderer of every card and README lcm-kit writes: ``# title``, the sections separated by blank
     lines, YAML front matter from ``card_data`` (a ``huggingface_hub.ModelCardData``) when given; token-shaped
@@ -133,9 +166,14 @@ def render_model_card(
     metrics: Mapping[str, Any] | None = None,
     datasets: str | Sequence[str] | None = None,
     sdxl: bool = False,
+    method: str = "lcm",
+    num_phases: int | None = None,
+    num_ddim_timesteps: int = 50,
 ) -> str:
     """A Hub model card (``README.md``) for an LCM-LoRA (``lora=True``) or a fully distilled LCM UNet (``sdxl``:
-    of an SDXL base, tagged ``sdxl``, the snippet uses ``StableDiffusionXLPipeline``).
+    of an SDXL base, tagged ``sdxl``, the snippet uses ``StableDiffusionXLPipeline``). ``method`` "pcm" / "tcd"
+    (distilled with that target rule, tagged so) gives a ``TCDScheduler`` snippet on the ``num_ddim_timesteps``
+    grid (PCM: ``num_phases`` steps, eta 0).
 
     Front matter: ``base_model`` (when it is a Hub id; a local teacher path is named in the text only),
     ``license`` when known, ``library_name: diffusers``, tags lcm / lora / diffusers / text-to-image / lcm-kit
@@ -149,7 +187,10 @@ def render_model_card(
     if not isinstance(hub_model_id, str) or not hub_model_id:
         raise ValueError(f"hub_model_id must be a non-empty string, got {hub_model_id!r}")
     tags = list(_STANDARD_TAGS[:1]) + (["lora"] if lora else []) + list(_STANDARD_TAGS[1:])
-    tags += [t for t in [*extra_tags, *(["sdxl"] if sdxl else [])] if t not in tags]
+    method_tags = {"lcm": [], "pcm": ["pcm", "phased-consistency-model"], "tcd": ["tcd", "trajectory-consistency"]}
+    if method not in method_tags:
+        raise ValueError(f"method must be one of {tuple(method_tags)}, got {method!r}.")
+    tags += [t for t in [*extra_tags, *(["sdxl"] if sdxl else []), *method_tags[method]] if t not in tags]
     base_is_hub_id = _is_hub_id(base_model)
     data = ModelCardData(
         base_model=base_model if base_is_hub_id else None,
@@ -159,7 +200,12 @@ def render_model_card(
         tags=tags,
         datasets=[datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None),
     )
-    kind = "LCM-LoRA" if lora else "Latent Consistency Model (distilled UNet)"
+    kind = {"lcm": "LCM", "pcm": "PCM", "tcd": "TCD"}[method] + ("-LoRA" if lora else " (distilled UNet)")
+    if method == "lcm" and not lora:
+        kind = "Latent Consistency Model (distilled UNet)"
+    distillation = {"lcm": "latent consistency distillation",
+                    "pcm": f"phased consistency distillation, {num_phases} phases",
+                    "tcd": "trajectory consistency distillation"}[method]
     teacher = f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub_id else f"`{base_model}`"
     what = (
         "A LoRA adapter that turns the teacher into a latent consistency model: load it on top of the base "
@@ -170,8 +216,9 @@ def render_model_card(
     )
     sections = [
         f"# {kind}: {hub_model_id}",
-        f"Distilled from {teacher} with lcm-kit (latent consistency distillation). {what}",
-        "## Usage\n\n" + _usage_snippet(base_model if base_is_hub_id else "<base model>", hub_model_id, lora, sdxl),
+        f"Distilled from {teacher} with lcm-kit ({distillation}). {what}",
+        "## Usage\n\n" + _usage_snippet(base_model if base_is_hub_id else "<base model>", hub_model_id, lora, sdxl,
+                                        method, num_phases, num_ddim_timesteps),
     ]
     if validation_image:
         sections.append(f"## Validation samples (4 steps)\n\n![validation images]({validation_image})")
@@ -261,6 +308,9 @@ def render_lcm_model_card(args, lora: bool, result, command: Sequence[str] | Non
         metrics={"final loss": result.last_loss, "steps": result.global_step},
         datasets=dataset,
         sdxl=family == "sdxl",
+        method=args.method,
+        num_phases=args.num_phases,
+        num_ddim_timesteps=args.num_ddim_timesteps,
     )
 
 

@@ -34,7 +34,7 @@ from diffusers.training_utils import cast_training_params
 from ..consistency import guidance_scale_embedding
 from ..lora import add_lcm_lora, export_kohya, save_lora_weights
 from ..pipelines import LCMPipeline, LCMXLPipeline
-from ..schedulers import ConsistencyScheduler
+from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 from ..utils import sample_latents, unwrap_model
 from . import hub
 from .args import (apply_family_defaults, build_lcm_lora_parser, build_lcm_parser, validate_data_args,
@@ -77,6 +77,8 @@ def config_from_args(args, prediction_type: str, num_train_timesteps: int) -> LC
         loss_type=args.loss_type,
         huber_c=args.huber_c,
         prediction_type=prediction_type,
+        target_rule=args.method,
+        num_phases=args.num_phases or 4,
     )
 
 
@@ -101,7 +103,8 @@ class LCMObjective(TrainingObjective):
         self.args, self.accelerator, self.mode = args, accelerator, mode
         self.device = accelerator.device
         self.weight_dtype = weight_dtype_for(accelerator)
-        self.name = "lcm-lora-distill" if mode == "lora" else "lcm-distill"
+        self.method = args.method
+        self.name = f"{self.method}-lora-distill" if mode == "lora" else f"{self.method}-distill"
         components = components or load_teacher_components(args)
         self.family = "sdxl" if components.get("text_encoder_2") is not None else "sd"
         self.components = components
@@ -308,12 +311,15 @@ class LCMObjective(TrainingObjective):
 
     def inference_scheduler(self) -> ConsistencyScheduler:
         """The scheduler the distilled model samples with: the teacher's noise schedule on the distillation grid
-        (``--num_ddim_timesteps``) with the boundary scalings it was trained with (``--timestep_scaling_factor``)."""
-        return ConsistencyScheduler.from_config(
-            self.teacher_scheduler_config,
-            original_inference_steps=self.config.num_ddim_timesteps,
-            timestep_scaling=self.config.timestep_scaling_factor,
-        )
+        (``--num_ddim_timesteps``). LCM: :class:`ConsistencyScheduler` with the boundary scalings it was trained with
+        (``--timestep_scaling_factor``). PCM / TCD: :class:`TrajectoryConsistencyScheduler` (exactly diffusers'
+        ``TCDScheduler``) with ``gamma`` 0 (PCM: deterministic over the phase edges) or 0.3 (TCD's default)."""
+        common = dict(original_inference_steps=self.config.num_ddim_timesteps,
+                      timestep_scaling=self.config.timestep_scaling_factor)
+        if self.method == "lcm":
+            return ConsistencyScheduler.from_config(self.teacher_scheduler_config, **common)
+        gamma = 0.0 if self.method == "pcm" else 0.3
+        return TrajectoryConsistencyScheduler.from_config(self.teacher_scheduler_config, gamma=gamma, **common)
 
     def validation_pipeline(self, model):
         """LCMPipeline (SD 1.x / 2.x) or LCMXLPipeline (SDXL) over the teacher's encoders and the distilled UNet."""
