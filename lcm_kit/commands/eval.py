@@ -76,14 +76,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"lcm-kit eval: error: {error}") from error
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def load_digits_pipeline(args: argparse.Namespace):
+    """The checks and loading ``lcm-kit eval`` and ``lcm-kit tune-steps`` share: ``--model`` (default the shipped
+    digits teacher) as a stock ``StableDiffusionPipeline`` with ``--lora`` loaded strictly, ``--classifier``, and a
+    ``--json`` path checked before any sampling. Returns ``(model folder, pipe, classifier)``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = Path(args.model).expanduser() if args.model else digits.teacher_path()
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"--model {str(model)!r}: not a diffusers folder (no model_index.json).")
     if args.classifier is not None and not Path(args.classifier).expanduser().is_dir():
         raise FileNotFoundError(f"--classifier {args.classifier!r}: no such folder.")
-    if args.json is not None:  # checked before the evaluation, not after it
+    if args.json is not None:  # checked before the work, not after it
         json_file = Path(args.json).expanduser()
         if json_file.is_dir() or not json_file.parent.is_dir():
             raise ValueError(f"--json {args.json!r}: must be a file in an existing folder.")
@@ -104,7 +107,11 @@ def _run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--lora {args.lora!r}: {error}") from error
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    classifier = load_classifier(args.classifier, device=device)
+    return model, pipe, load_classifier(args.classifier, device=device)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    model, pipe, classifier = load_digits_pipeline(args)
 
     rows = []
     combos = list(itertools.product(args.scheduler, args.steps, args.guidance_scale))

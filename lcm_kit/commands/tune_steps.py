@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
-
 from .. import digits
 from ..argtypes import MAX_SEED, CommandParser, device_name, float_range, int_range
-from ..eval.metrics import SCHEDULERS, load_classifier
+from ..eval.metrics import SCHEDULERS
 from ..eval.tune import digits_fd_score, search_timesteps
-from ..lora import load_lora_weights_strict
-from ..utils import DTYPES, dtype_kwarg, resolve_device, resolve_dtype
-from .generate import model_load_error
+from ..utils import DTYPES
+from .eval import load_digits_pipeline
 
 # Schedulers with a distillation grid (their `original_inference_steps` config key).
 GRID_SCHEDULERS = ("lcm", "consistency", "tcd")
@@ -144,32 +140,7 @@ def _num_train_timesteps(model: Path) -> int:
 
 
 def _run_tune_steps(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = Path(args.model).expanduser() if args.model else digits.teacher_path()
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"--model {str(model)!r}: not a diffusers folder (no model_index.json).")
-    if args.classifier is not None and not Path(args.classifier).expanduser().is_dir():
-        raise FileNotFoundError(f"--classifier {args.classifier!r}: no such folder.")
-    if args.json is not None:  # checked before the search, not after it
-        json_file = Path(args.json).expanduser()
-        if json_file.is_dir() or not json_file.parent.is_dir():
-            raise ValueError(f"--json {args.json!r}: must be a file in an existing folder.")
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    # use_safetensors=True: diffusers would otherwise fall back to unpickling *.bin weights.
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True, **{dtype_kwarg(): dtype})
-    except (OSError, ValueError) as error:
-        raise OSError(model_load_error("model", str(model), error)) from error
-    if args.lora is not None:
-        try:
-            load_lora_weights_strict(pipe, args.lora)
-        except ValueError as error:
-            raise ValueError(f"--lora {args.lora!r}: {error}") from error
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = load_classifier(args.classifier, device=device)
+    model, pipe, classifier = load_digits_pipeline(args)
 
     scheduler_config = {}
     if args.original_inference_steps is not None:
