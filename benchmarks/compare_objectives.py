@@ -96,8 +96,7 @@ def evaluate(args, out: Path):
 
     from lcm_kit import digits
     from lcm_kit.eval import evaluate_images, evaluate_pipeline, load_classifier
-    from lcm_kit.eval.fidelity import mean_latent_distance, ode_solution_latents, teacher_reference
-    from lcm_kit.eval.metrics import generate_digits, make_scheduler
+    from lcm_kit.eval.fidelity import generate_latents, mean_latent_distance, ode_solution_latents, teacher_reference
     from lcm_kit.lora import load_lora_weights_strict
 
     classifier = load_classifier()
@@ -151,13 +150,8 @@ def evaluate(args, out: Path):
                                   accuracy=row["accuracy"], fd=row["fd"], fd_ratio=row["fd"] / ref["fd"],
                                   fd_to_teacher=to_teacher)
                     if steps == 1:
-                        original = pipe.scheduler
-                        pipe.scheduler = make_scheduler(spec["scheduler"], original.config, **spec["scheduler_config"])
-                        try:
-                            latents, _ = generate_digits(pipe, 1, 1.0, args.num_per_digit, sample_seed,
-                                                         output_type="latent", **spec["call"])
-                        finally:
-                            pipe.scheduler = original
+                        latents = generate_latents(pipe, spec["scheduler"], 1, 1.0, args.num_per_digit, sample_seed,
+                                                   spec["scheduler_config"], **spec["call"])
                         result["ode_distance"] = mean_latent_distance(latents, ref["ode"])
                     rows.append(result)
                     print(json.dumps({k: v for k, v in result.items() if k != "timestep_list"}), flush=True)

@@ -41,11 +41,26 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers folder; without it the shipped digits teacher")
+def add_model_arguments(p: argparse.ArgumentParser, lora_note: str = "") -> None:
+    """``--model`` and ``--lora`` of the digits commands that use :func:`load_digits_pipeline`."""
+    p.add_argument("--model", default=None,
+                   help="diffusers folder; without it the shipped digits teacher (lcm_kit.digits.teacher_path())")
     p.add_argument("--lora", default=None,
                    help="LoRA .safetensors file or folder, loaded strictly (lcm_kit.lora.load_lora_weights_strict: "
-                        "safetensors only, every tensor applied)")
+                        f"safetensors only, every tensor applied){lora_note}")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--batch_size``, ``--classifier``, ``--device`` and ``--dtype`` of the same commands."""
+    p.add_argument("--batch_size", type=int_range(1), default=100, help="images per pipeline call")
+    p.add_argument("--classifier", default=None, help="classifier folder; without it the shipped one")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, float32 otherwise")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--scheduler", nargs="+", default=["dpmsolver"], choices=SCHEDULERS,
                    help="dpmsolver; ddim (timestep_spacing='trailing'); lcm (diffusers LCMScheduler); "
                         "consistency (lcm-kit ConsistencyScheduler); tcd (diffusers TCDScheduler, for PCM / TCD "
@@ -56,11 +71,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_per_digit", type=int_range(2), default=20,
                    help="samples per digit (10 digits; FD needs at least 2)")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="image i uses noise seed seed + i")
-    p.add_argument("--batch_size", type=int_range(1), default=100, help="images per pipeline call")
-    p.add_argument("--classifier", default=None, help="classifier folder; without it the shipped one")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, float32 otherwise")
+    add_runtime_arguments(p)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file (its folder must exist)")
     p.add_argument("--standard_metrics", action="store_true",
                    help="also FID / CLIP score via torchmetrics when installed and its weights are local "

@@ -26,11 +26,10 @@ import sys
 from pathlib import Path
 
 from .. import digits
-from ..argtypes import MAX_SEED, CommandParser, device_name, float_range, int_range
+from ..argtypes import MAX_SEED, CommandParser, float_range, int_range
 from ..eval.metrics import SCHEDULERS
 from ..eval.tune import digits_fd_score, search_timesteps
-from ..utils import DTYPES
-from .eval import load_digits_pipeline
+from .eval import add_model_arguments, add_runtime_arguments, load_digits_pipeline
 
 # Schedulers with a distillation grid (their `original_inference_steps` config key).
 GRID_SCHEDULERS = ("lcm", "consistency", "tcd")
@@ -50,11 +49,7 @@ def add_tune_steps_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="diffusers folder; without it the shipped digits teacher (lcm_kit.digits.teacher_path())")
-    p.add_argument("--lora", default=None,
-                   help="LoRA .safetensors file or folder, loaded strictly (lcm_kit.lora.load_lora_weights_strict: "
-                        "safetensors only, every tensor applied); without it the bare model is tuned")
+    add_model_arguments(p, lora_note="; without it the bare model is tuned")
     p.add_argument("--steps", type=int_range(1), required=True,
                    help="K, the length of the timestep list (at most the model's num_train_timesteps)")
     p.add_argument("--scheduler", default="consistency", choices=SCHEDULERS,
@@ -84,11 +79,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search_first", action="store_true",
                    help="also search the first timestep (default: fixed at num_train_timesteps - 1, where sampling "
                         "starts from pure noise)")
-    p.add_argument("--batch_size", type=int_range(1), default=100, help="images per pipeline call")
-    p.add_argument("--classifier", default=None, help="classifier folder; without it the shipped one")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, float32 otherwise")
+    add_runtime_arguments(p)
     p.add_argument("--json", default=None,
                    help="also write the result (best and evenly spaced lists with their scores, every list scored, "
                         "all settings) to this JSON file (its folder must exist)")

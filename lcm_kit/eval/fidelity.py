@@ -24,6 +24,7 @@ from .metrics import (
     generate_digits,
     load_classifier,
     make_scheduler,
+    to_classifier_range,
 )
 
 ODE_SOLUTION_STEPS = 100
@@ -34,9 +35,7 @@ def image_feature_statistics(images: torch.Tensor, classifier: DigitClassifier |
                              value_range: tuple = (0.0, 1.0)):
     """``(mu, sigma)`` of the classifier features of ``images`` (for ``evaluate_images(reference=...)``)."""
     classifier = classifier or load_classifier()
-    low, high = value_range
-    images = (torch.as_tensor(images, dtype=torch.float32) - low) / (high - low) * 2.0 - 1.0
-    _, features = classifier_outputs(classifier, images)
+    _, features = classifier_outputs(classifier, to_classifier_range(images, value_range))
     return feature_statistics(features)
 
 
@@ -52,18 +51,27 @@ def teacher_reference(pipe, guidance_scale: float, num_per_digit: int = 20, seed
 
 
 @torch.no_grad()
+def generate_latents(pipe, scheduler: str, steps: int, guidance_scale: float, num_per_digit: int = 20, seed: int = 0,
+                     scheduler_config: dict | None = None, **call_kwargs) -> torch.Tensor:
+    """The final latents of the harness' samples (image ``i`` from seed ``seed + i``, as
+    :func:`~lcm_kit.eval.metrics.generate_digits`) with ``scheduler`` (:func:`~lcm_kit.eval.metrics.make_scheduler`,
+    ``scheduler_config`` its overrides), swapped in for the call and restored."""
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, original.config, **(scheduler_config or {})) or original
+    try:
+        latents, _ = generate_digits(pipe, steps, guidance_scale, num_per_digit, seed, output_type="latent",
+                                     **call_kwargs)
+    finally:
+        pipe.scheduler = original
+    return latents
+
+
 def ode_solution_latents(pipe, guidance_scale: float, num_per_digit: int = 20, seed: int = 0,
                          steps: int = ODE_SOLUTION_STEPS) -> torch.Tensor:
     """The teacher's deterministic probability-flow ODE solution (DDIM, eta 0, ``timestep_spacing="trailing"`` so
     it starts at the last training timestep, ``steps`` steps) from the harness' initial latents: image ``i`` starts
     from seed ``seed + i`` as in :func:`~lcm_kit.eval.metrics.generate_digits`. Returns the final latents."""
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler("ddim", original.config)
-    try:
-        latents, _ = generate_digits(pipe, steps, guidance_scale, num_per_digit, seed, output_type="latent")
-    finally:
-        pipe.scheduler = original
-    return latents
+    return generate_latents(pipe, "ddim", steps, guidance_scale, num_per_digit, seed)
 
 
 def mean_latent_distance(latents: torch.Tensor, reference: torch.Tensor) -> float:

@@ -94,6 +94,14 @@ def reference_statistics(classifier: DigitClassifier | None = None, split: str =
     return _REFERENCE_CACHE[key]
 
 
+def to_classifier_range(images, value_range: tuple = (-1.0, 1.0)) -> torch.Tensor:
+    """``images`` in ``value_range`` mapped to the classifier's [-1, 1], as float32."""
+    low, high = value_range
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range!r}.")
+    return (torch.as_tensor(images, dtype=torch.float32) - low) / (high - low) * 2.0 - 1.0
+
+
 def evaluate_images(
     images: torch.Tensor,
     labels,
@@ -110,11 +118,7 @@ def evaluate_images(
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     if len(images) != len(labels):
         raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must have the same length.")
-    low, high = value_range
-    if not high > low:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range!r}.")
-    images = (images - low) / (high - low) * 2.0 - 1.0
-    predictions, features = classifier_outputs(classifier, images)
+    predictions, features = classifier_outputs(classifier, to_classifier_range(images, value_range))
     mu_ref, sigma_ref = reference if reference is not None else reference_statistics(classifier)
     mu, sigma = feature_statistics(features)
     correct = predictions == labels
@@ -226,7 +230,8 @@ def evaluate_pipeline(
     "seconds"}`` (+ ``"standard_metrics"`` from :func:`optional_standard_metrics` when ``standard_metrics``);
     ``scheduler_config``: config keys set on the scheduler (:func:`make_scheduler`'s ``overrides``);
     ``call_kwargs`` go to the pipeline call (e.g. ``height``/``width``, ``eta``, ``timesteps``). With
-    ``return_images`` returns ``(row, images)``: the generated images in [0, 1], digit-major (``num_per_digit`` of 0, then of 1, ...)."""
+    ``return_images`` returns ``(row, images)``: the generated images in [0, 1], digit-major (``num_per_digit`` of
+    0, then of 1, ...)."""
     if int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}.")
     original = pipe.scheduler
