@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -326,9 +325,7 @@ def main():
     summary = summarise(rows)
     table = render(summary) + "\n\n" + "\n".join(check_targets(summary))
     (args.out / "compare.json").write_text(json.dumps({"rows": rows, "summary": summary, "train_wall_s": times,
-                                                       "evaluation_wall_s": time.time() - start}, indent=2,
-                                                      default=lambda v: None if isinstance(v, float) and
-                                                      math.isnan(v) else v))
+                                                       "evaluation_wall_s": time.time() - start}, indent=2))
     (args.out / "compare.md").write_text(table + "\n")
     print(table)
 

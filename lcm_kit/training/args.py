@@ -33,6 +33,7 @@ from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, SOLVERS, TARGET
 from ..lora.adapter import LCM_LORA_TARGET_MODULES
 from .losses.cm import CONSISTENCY_LOSS_TYPES
 from .losses.cm import MODES as CM_MODES
+from .losses.lcm import LCMDistillationConfig
 from .redaction import is_secret_name, redact_text, remember_secret
 
 LCM_LOSS_TYPES = ("l2", "huber")
@@ -402,7 +403,7 @@ def validate_lcm_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num_phases only applies to --method pcm, got --method {args.method}.")
     if args.method == "pcm":
         if args.num_phases is None:
-            args.num_phases = 4
+            args.num_phases = LCMDistillationConfig.num_phases
         try:
             phase_edge_timesteps(args.num_phases, args.num_ddim_timesteps)
         except ValueError as error:

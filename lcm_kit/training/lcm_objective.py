@@ -78,7 +78,7 @@ def config_from_args(args, prediction_type: str, num_train_timesteps: int) -> LC
         huber_c=args.huber_c,
         prediction_type=prediction_type,
         target_rule=args.method,
-        num_phases=args.num_phases or 4,
+        **({} if args.num_phases is None else {"num_phases": args.num_phases}),
     )
 
 
