@@ -110,11 +110,19 @@ def test_lora_run_loads_completely_in_stock_sdxl_and_as_kohya(kit, tmp_path, tra
     assert (theirs - base).abs().max().item() > 1e-4  # the adapter changed the model
     kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
     assert kohya and all(key.startswith("lora_unet_") for key in kohya)
+    diffusers_tensors = load_file(lora_file)
+    for key, tensor in diffusers_tensors.items():  # the export renames, it never changes a tensor
+        module, matrix = key.removeprefix("unet.").rsplit(".lora_", 1)
+        kohya_key = "lora_unet_" + module.replace(".", "_") + {"A.weight": ".lora_down.weight",
+                                                                "B.weight": ".lora_up.weight"}[matrix]
+        assert torch.equal(kohya[kohya_key], tensor), kohya_key
     from_kohya = StableDiffusionXLPipeline.from_pretrained(kit["sdxl"])
     from_kohya.scheduler = LCMScheduler.from_config(from_kohya.scheduler.config)
     from_kohya.load_lora_weights(str(out / "pytorch_lora_weights_kohya.safetensors"))
     kohya_out = from_kohya("a red cube", generator=seeded(), **probe).images
-    assert (kohya_out - theirs).abs().max().item() <= 1e-5
+    # Same tensors, same alpha; stock diffusers builds the kohya adapter's peft config from other target names, and
+    # the outputs (magnitude ~70) then differ by a few fp32 ulps, hence the relative term.
+    torch.testing.assert_close(kohya_out, theirs, rtol=1e-6, atol=1e-5)
 
 
 def test_cached_run_resumes_bit_exactly(kit, tmp_path, train_argv, reset_accelerate):
