@@ -1,8 +1,10 @@
-"""LCM, PCM (2 and 4 phases) and TCD distilled from the shipped digits teacher, side by side, with their noise.
+"""LCM, PCM (2 and 4 phases, with and without its adversarial loss) and TCD distilled from the shipped digits teacher,
+side by side, with their noise.
 
 Each method is an LCM-LoRA run of the quickstart's recipe (``lcm_kit.commands.quickstart.LORA_RECIPE``: the same
 steps, batch, lr, rank, 10-point skip grid, Heun teacher step, fixed w = 2 i.e. CFG 3), differing only in
-``--method`` / ``--num_phases``, so every method gets the quickstart LoRA's budget. Three training seeds per method,
+``--method`` / ``--num_phases`` (and ``--adversarial_weight`` for the ``*adv`` entries), so every method gets the
+quickstart LoRA's budget. Three training seeds per method,
 three sampling seeds per model; every figure is the mean ± sd over the nine (training, sampling) pairs.
 
 Per model and step count (1 / 2 / 4 / 8, default timesteps; and the timesteps ``lcm-kit tune-steps`` finds at 2 and 4
@@ -45,6 +47,16 @@ METHODS = {
              "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.0}},
     "pcm4": {"flags": {"method": "pcm", "num_phases": 4}, "label": "PCM, 4 phases", "scheduler": "tcd",
              "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.0}},
+    # PCM's adversarial consistency loss: the PCM scripts' weight 0.1 and their discriminator / student learning-rate
+    # ratio (1e-5 / 5e-6 = 2) applied to the recipe's 3e-4
+    "pcm4adv": {"flags": {"method": "pcm", "num_phases": 4, "adversarial_weight": 0.1,
+                          "adversarial_learning_rate": 6e-4},
+                "label": "PCM, 4 phases, adversarial (weight 0.1)", "scheduler": "tcd",
+                "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.0}},
+    "pcm2adv": {"flags": {"method": "pcm", "num_phases": 2, "adversarial_weight": 0.1,
+                          "adversarial_learning_rate": 6e-4},
+                "label": "PCM, 2 phases, adversarial (weight 0.1)", "scheduler": "tcd",
+                "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.0}},
     "tcd": {"flags": {"method": "tcd"}, "label": "TCD (gamma 0.3)", "scheduler": "tcd",
             "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.3}},
     # the same TCD LoRAs sampled deterministically (no training of their own, not tuned)

@@ -30,6 +30,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
+from safetensors.torch import load_file, save_file
 
 from ..consistency import guidance_scale_embedding
 from ..lora import add_lcm_lora, export_kohya, save_lora_weights
@@ -37,12 +38,14 @@ from ..pipelines import LCMPipeline, LCMXLPipeline
 from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 from ..utils import sample_latents, unwrap_model
 from . import hub
-from .args import (apply_family_defaults, build_lcm_lora_parser, build_lcm_parser, validate_data_args,
-                   validate_lcm_args, validate_training_args)
+from .args import (ADVERSARIAL_LEARNING_RATE, apply_family_defaults, build_lcm_lora_parser, build_lcm_parser,
+                   validate_data_args, validate_lcm_args, validate_training_args)
 from .data import build_dataloader_from_args, build_encoded_cache, load_train_dataset_from_args
+from .discriminator import DiscriminatorHeads, TrainableDiscriminator, unet_block_features, unet_feature_channels
 from .fused_lora import fused_lora_forward, lora_fusion_blockers
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
 from .losses import LCMDistillationConfig, LCMDistillationLoss
+from .losses.adversarial import AdversarialConsistencyLoss
 from .teachers import load_teacher_components, teacher_family
 from .text_conditioning import prompt_conditioning
 
@@ -89,6 +92,20 @@ def _adapter_disabled(unet):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+@contextlib.contextmanager
+def _no_gradient_checkpointing(unet):
+    """A forward with its graph kept whole: a checkpointed block would be recomputed in backward, outside the
+    context that switched the LoRA teacher's adapter off."""
+    if not getattr(unet, "is_gradient_checkpointing", False):
+        yield unet
+        return
+    unet.disable_gradient_checkpointing()
+    try:
+        yield unet
+    finally:
+        unet.enable_gradient_checkpointing()
 
 
 class LCMObjective(TrainingObjective):
@@ -166,6 +183,10 @@ class LCMObjective(TrainingObjective):
         self.fuse_student_lora = self.fuse_target_lora = False
         if mode == "lora":
             self._choose_lora_fusion()
+        self.adversarial = self.discriminator = None
+        if args.adversarial_weight > 0:
+            self._build_discriminator()
+        self._register_discriminator_checkpoints()
 
     @property
     def config(self) -> LCMDistillationConfig:
@@ -175,6 +196,51 @@ class LCMObjective(TrainingObjective):
     def uncond_embeds(self) -> torch.Tensor:
         """(1, sequence, hidden) prompt embeddings of the teacher's unconditional branch."""
         return self.prompts.uncond(1)["prompt_embeds"]
+
+    def _build_discriminator(self):
+        """PCM's latent discriminator: light heads over the frozen teacher UNet's block features (the LoRA run's
+        teacher is its own base with the adapter off), trained with their own AdamW."""
+        if self.method != "pcm":
+            raise ValueError(f"--adversarial_weight only applies to --method pcm, got --method {self.method}.")
+        args = self.args
+        backbone = self.unet if self.mode == "lora" else self.teacher_unet
+        with torch.random.fork_rng(devices=[]):  # the heads' initialisation leaves the global RNG where it was
+            torch.manual_seed(args.seed)
+            heads = DiscriminatorHeads(unet_feature_channels(backbone))
+        heads.to(self.device).train()
+        self.discriminator = TrainableDiscriminator(
+            heads, args.adversarial_learning_rate or ADVERSARIAL_LEARNING_RATE, weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon, max_grad_norm=args.max_grad_norm)
+        self.adversarial = AdversarialConsistencyLoss(args.adversarial_weight)
+        logger.info("PCM adversarial consistency loss: weight %g, %d discriminator heads (%d parameters), lr %g.",
+                    args.adversarial_weight, len(heads.heads), sum(p.numel() for p in heads.parameters()),
+                    self.discriminator.optimizer.param_groups[0]["lr"])
+
+    def _register_discriminator_checkpoints(self):
+        """Checkpoints carry the discriminator's heads and AdamW state as ``discriminator_state.safetensors`` (beside
+        the loop's files, in its manifest); a checkpoint and a run that disagree on having one are an error."""
+        accelerator = self.accelerator
+        name = TrainableDiscriminator.CHECKPOINT_FILE
+
+        def save_hook(models, weights, output_dir):
+            if self.discriminator is not None and accelerator.is_main_process:
+                state = {k: v.detach().contiguous().cpu() for k, v in self.discriminator.state_tensors().items()}
+                save_file(state, os.path.join(output_dir, name))
+
+        def load_hook(models, input_dir):
+            path = os.path.join(input_dir, name)
+            if self.discriminator is None:
+                if os.path.exists(path):
+                    raise ValueError(f"{input_dir} holds a discriminator ({name}: it was trained with "
+                                     "--adversarial_weight > 0); resume it with the same --adversarial_weight.")
+                return
+            if not os.path.exists(path):
+                raise ValueError(f"{input_dir} has no {name} (it was trained without the adversarial loss); resume "
+                                 "it with --adversarial_weight 0, or start a new run.")
+            self.discriminator.load_state_tensors(load_file(path))
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
 
     def _choose_lora_fusion(self):
         """Run the adapter fused (one op per LoRA layer) wherever that is exactly peft's function."""
@@ -292,7 +358,38 @@ class LCMObjective(TrainingObjective):
                 return unet(x, t, timestep_cond=w_embedding(w), **self.prompts.unet_kwargs(cond)).sample.float()
 
         output = self.loss(student, teacher, target, latents, generator)
-        return output.loss.mean(), {}
+        if self.discriminator is None:
+            return output.loss.mean(), {}
+        generator_loss, logs = self._adversarial_terms(output, plain, cond, generator)
+        return output.loss.mean() + self.adversarial.weight * generator_loss, logs
+
+    def _adversarial_terms(self, output, plain, cond, generator):
+        """PCM's adversarial consistency loss of one batch: the discriminator's hinge step on (target = real,
+        student's prediction detached = fake), both noised within the phase, then the student's hinge term through
+        the updated, frozen heads (its gradient reaches the student only). Draws after the consistency loss."""
+        fake, real, t = self.adversarial.noisy_pair(output.prediction, output.target, output.timesteps[2],
+                                                    self.loss.alphas_cumprod, self.loss.phase_edges, generator)
+
+        def features(x):
+            with (self.accelerator.autocast(), self._teacher_weights(plain) as unet, _no_gradient_checkpointing(unet),
+                  unet_block_features(unet) as found):
+                unet(x.to(self.weight_dtype), t, **self.prompts.unet_kwargs(cond, dtype=self.weight_dtype))
+            return list(found)
+
+        fake_features = features(fake)  # one forward serves both players: detached for the discriminator
+        with torch.no_grad():
+            real_features = features(real)
+        discriminator_loss = self.adversarial.discriminator_loss(
+            self.discriminator(real_features), self.discriminator([f.detach() for f in fake_features])).mean()
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = lambda grad: self.accelerator.reduce(grad, reduction="mean")  # noqa: E731
+        self.discriminator.backward_and_step(discriminator_loss, sync=self.accelerator.sync_gradients,
+                                             scale=1.0 / self.args.gradient_accumulation_steps, reduce=reduce)
+        with self.discriminator.frozen():
+            generator_loss = self.adversarial.generator_loss(self.discriminator(fake_features)).mean()
+        return generator_loss, {"adversarial_d_loss": discriminator_loss.detach(),
+                                "adversarial_g_loss": generator_loss.detach()}
 
     @staticmethod
     def _lora_forward(unet, fused: bool):
