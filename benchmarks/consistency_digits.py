@@ -1,4 +1,4 @@
-"""Class-conditional consistency training (CT or iCT) on the shipped digits, scored by the digits harness.
+"""Class-conditional consistency models (CT, iCT, sCT, ECT) on the shipped digits, scored by the digits harness.
 
 Trains a class-conditional ``UNet2DModel`` with the real ``train_scripts`` path
 (``lcm_kit.training.train_consistency``: Accelerate loop, data module) -- in the shipped
@@ -13,6 +13,13 @@ process; run with ``OMP_NUM_THREADS=1`` so CPU seconds are single-thread seconds
         --s1 160 --out /tmp/cm_ict
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ct --max_train_steps 3000 \
         --out /tmp/cm_ct
+    # continuous-time consistency training (TrigFlow, JVP tangent) at iCT's budget:
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode sct --max_train_steps 1500 \
+        --out /tmp/cm_sct
+    # ECT: first an EDM diffusion model of the same UNet (--pretrain_steps, its CPU seconds reported apart), then
+    # Easy Consistency Tuning from its weights:
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ect --pretrain_steps 2000 \
+        --max_train_steps 700 --out /tmp/cm_ect
     # re-score a trained model (e.g. other 2-step intermediate sigmas) without training again:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ict --out /tmp/cm_ict \
         --evaluate_only --mid_sigmas 0.821,2.0
@@ -56,7 +63,54 @@ def training_argv(args, data_dir: str, model_dir: str) -> list[str]:
     for flag in ("s0", "s1", "dropout", "loss_type"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
+    if args.mode == "ect":  # the UNet comes from the pretrained diffusion model (its shape flags with it)
+        drop = {"--block_out_channels", "--layers_per_block"}
+        argv = [a for i, a in enumerate(argv) if a not in drop and (i == 0 or argv[i - 1] not in drop)]
+        argv += ["--pretrained_unet", pretrained_dir(args)]
     return argv
+
+
+def pretrained_dir(args) -> str:
+    return os.path.join(args.out, "edm-pretrained")
+
+
+def pretrain_diffusion(args) -> dict:
+    """The EDM diffusion model ECT starts from: the same class-conditional UNet2DModel, trained with EDM's loss
+    (:class:`~lcm_kit.training.losses.EDMDenoisingLoss`) on the digits' VAE latents (a posterior sample per
+    step), time input 250 log sigma (the consistency models' convention, so its weights are a consistency model's
+    starting point), Adam at --learning_rate, gradient clip 1. Returns its CPU seconds and steps."""
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    from lcm_kit import digits
+    from lcm_kit.precond import EDMDenoiser
+    from lcm_kit.training.losses import EDMDenoisingLoss
+    from lcm_kit.utils import sample_latents
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(str(digits.teacher_path() / "vae")).eval()
+    images, labels = digits.load_split("train", 32)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    blocks = tuple(int(c) for c in args.block_out_channels.split(","))
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=blocks,
+                       down_block_types=("DownBlock2D",) * len(blocks), up_block_types=("UpBlock2D",) * len(blocks),
+                       layers_per_block=args.layers_per_block, norm_num_groups=min(32, blocks[0]), num_class_embeds=10)
+    denoiser = EDMDenoiser(unet, sigma_data=args.sigma_data)
+    loss_fn = EDMDenoisingLoss(sigma_data=args.sigma_data)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
+    generator = torch.Generator().manual_seed(args.seed)
+    cpu_start = time.process_time()
+    for _ in range(args.pretrain_steps):
+        index = torch.randint(0, len(labels), (args.train_batch_size,), generator=generator)
+        clean = sample_latents(posterior.mean[index], posterior.std[index], generator, vae.config.scaling_factor)
+        loss = loss_fn(denoiser, clean, labels[index], generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+    cpu_seconds = time.process_time() - cpu_start
+    unet.save_pretrained(pretrained_dir(args))
+    return {"pretrain_cpu_seconds": cpu_seconds, "pretrain_steps": args.pretrain_steps}
 
 
 def evaluate(args, model_dir: str) -> list[dict]:
@@ -89,7 +143,9 @@ def evaluate(args, model_dir: str) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="ict", choices=("ct", "ict"))
+    parser.add_argument("--mode", default="ict", choices=("ct", "ict", "sct", "ect"))
+    parser.add_argument("--pretrain_steps", type=int, default=2000,
+                        help="ect: steps of the EDM diffusion model it starts from (skipped if --out has one).")
     parser.add_argument("--latent", action=argparse.BooleanOptionalAction, default=True,
                         help="Train in the digits teacher's VAE latent space (4x8x8); --no-latent: 32x32 pixels.")
     parser.add_argument("--max_train_steps", type=int, default=3000)
@@ -123,6 +179,8 @@ def main(argv=None):
             record = json.load(f)
     else:
         data_dir = prepare_data(args.out)
+        if args.mode == "ect" and not os.path.isdir(pretrained_dir(args)):
+            record.update(pretrain_diffusion(args))
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         result = train_consistency(training_argv(args, data_dir, model_dir))
         record.update(train_cpu_seconds=time.process_time() - cpu_start,

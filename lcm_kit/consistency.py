@@ -6,6 +6,10 @@ Two parameterisations live here:
   ``a_t = alphas_cumprod[t]``. The LCM boundary scalings use the timestep scaled by ``timestep_scaling``.
 * **EDM sigma space** (original consistency models, CD / CT / iCT): ``x_sigma = x0 + sigma z`` with Karras
   preconditioning and the ``sigma_min`` offset that makes ``f(x, sigma_min) = x`` exactly.
+* **TrigFlow** (continuous-time sCM, Lu & Song 2025): ``x_t = cos(t) x0 + sin(t) z`` with ``z ~ N(0, sigma_data^2)``,
+  ``t in [0, pi/2]``: the EDM point ``x_sigma = x_t / cos(t)`` at ``sigma = sigma_data tan(t)``, and a VP point
+  (``a + (1 - a) = 1``) at ``t = arctan(sqrt((1 - a) / a))`` with ``sigma_data = 1``. ECT's continuous pair
+  schedule (Geng et al. 2025) lives in EDM sigma space.
 
 The scheduler, the pipelines and every trainer call these functions; nothing else re-derives them.
 """
@@ -371,6 +375,94 @@ def ict_loss_weight(sigma, sigma_next):
 def pseudo_huber_c(num_dims: int) -> float:
     """iCT's pseudo-Huber constant c = 0.00054 sqrt(d) for data of d dimensions."""
     return 0.00054 * math.sqrt(num_dims)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TrigFlow (sCM) and ECT
+# --------------------------------------------------------------------------------------------------------------
+
+
+def trigflow_time_from_sigma(sigma, sigma_data: float = SIGMA_DATA):
+    """TrigFlow time ``t = arctan(sigma / sigma_data)`` of the EDM noise level ``sigma`` (0 -> 0, inf -> pi/2)."""
+    return torch.atan(torch.as_tensor(sigma) / sigma_data)
+
+
+def sigma_from_trigflow_time(t, sigma_data: float = SIGMA_DATA):
+    """EDM noise level ``sigma = sigma_data tan(t)`` of TrigFlow time ``t``."""
+    return sigma_data * torch.tan(torch.as_tensor(t))
+
+
+def trigflow_time_from_alphas_cumprod(alpha_prod_t):
+    """TrigFlow time of a VP point ``sqrt(a) x0 + sqrt(1 - a) eps`` (``sigma_data = 1``): ``arctan(sqrt((1-a)/a))``."""
+    alpha_prod_t = torch.as_tensor(alpha_prod_t)
+    return torch.atan2((1 - alpha_prod_t).sqrt(), alpha_prod_t.sqrt())
+
+
+def vp_timestep_from_trigflow_time(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The fractional discrete timestep of a VP model at TrigFlow time ``t`` (``sigma_data = 1``)."""
+    return vp_timestep_from_sigma(torch.tan(t), alphas_cumprod)
+
+
+def trigflow_consistency_function(network_output, sample, t, sigma_data: float = SIGMA_DATA):
+    """``f(x_t, t) = cos(t) x_t + sin(t) sigma_data F(x_t / sigma_data, t)``, so ``f(x, 0) = x`` exactly.
+
+    The sign of ``F`` is EDM's (Lu & Song write ``- sin(t) sigma_data F``): with it this is the EDM consistency
+    function without the sigma_min offset, ``c_skip x_sigma + c_out F(c_in x_sigma)`` at ``sigma = sigma_data tan t``.
+    The backbone's time input is ``t`` itself (sCM's identity time transformation): EDM's ``250 log sigma`` varies so
+    fast in t that the tangent ``df/dt`` is dominated by the time embedding's derivative and training diverges
+    (benchmarks/consistency_results.md).
+    """
+    t = append_dims(t.to(sample.dtype), sample.ndim)  # a tensor on the sample's device: no host copy
+    return torch.cos(t) * sample + torch.sin(t) * sigma_data * network_output
+
+
+def trigflow_velocity_from_denoised(denoised, sample, t):
+    """The PF-ODE velocity ``dx_t/dt = (cos(t) x_t - x0_hat) / sin(t)`` of a denoiser's ``x0_hat`` at ``x_t``
+    (= ``cos(t) z - sin(t) x0`` with ``z`` the noise the denoiser implies)."""
+    t = append_dims(t.to(sample.dtype), sample.ndim)  # a tensor on the sample's device: no host copy
+    return (torch.cos(t) * sample - denoised) / torch.sin(t)
+
+
+def scm_tangent(network_output, network_time_derivative, sample, velocity, t, sigma_data: float = SIGMA_DATA,
+                warmup_ratio: float = 1.0):
+    """``g = cos(t) df/dt`` of the stop-gradient consistency function along the PF-ODE (sCM, Algorithm 1):
+
+    ``g = cos^2(t) (sigma_data F + dx_t/dt) - r cos(t) sin(t) (x_t - sigma_data dF/dt)`` with ``r`` the tangent
+    warm-up ratio (0 -> 1 over the first iterations). ``network_time_derivative`` is ``cos(t) sin(t) dF/dt`` (the
+    JVP with tangents ``cos(t) sin(t) (dx_t/dt / sigma_data, 1)``, finite for every t).
+    """
+    t = append_dims(t.to(sample.dtype), sample.ndim)  # a tensor on the sample's device: no host copy
+    cos, sin = torch.cos(t), torch.sin(t)
+    return cos**2 * (sigma_data * network_output + velocity) - warmup_ratio * (
+        cos * sin * sample - sigma_data * network_time_derivative
+    )
+
+
+def normalize_tangent(tangent: torch.Tensor, c: float = 0.1) -> torch.Tensor:
+    """sCM's tangent normalisation ``g / (||g|| + c)`` per sample."""
+    norm = tangent.reshape(tangent.shape[0], -1).norm(dim=1)
+    return tangent / append_dims(norm + c, tangent.ndim)
+
+
+def ect_stage(step: int, total_steps: int, num_stages: int) -> int:
+    """ECT's stage after ``step`` of ``total_steps``: the pair gap halves (``q = 2``) once per stage."""
+    return min(num_stages - 1, step * num_stages // max(1, total_steps))
+
+
+def ect_previous_sigma(sigma: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0):
+    """ECT's mapping ``r = t (1 - q^-(stage+1) n(t))``, ``n(t) = 1 + k sigmoid(-b t)``, clamped at 0.
+
+    At stage 0 small noise levels map to ``r = 0``: the diffusion model's own loss; every stage divides the gap
+    ``t - r`` by q, approaching the continuous-time consistency condition.
+    """
+    ratio = 1 - q ** (-(stage + 1)) * (1 + k * torch.sigmoid(-b * sigma))
+    return (sigma * ratio).clamp(min=0)
+
+
+def edm_loss_weight(sigma, sigma_data: float = SIGMA_DATA):
+    """EDM's loss weight ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` (= SNR + 1 / sigma_data^2), which ECT
+    keeps for its consistency loss."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
 # --------------------------------------------------------------------------------------------------------------

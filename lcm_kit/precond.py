@@ -4,7 +4,10 @@
   with the sigma_min offset, so ``f(x, sigma_min) = x`` exactly (the input diffusers'
   ``CMStochasticIterativeScheduler`` gives a ``UNet2DModel``: the backbone alone is the deployable model);
 * :class:`EDMDenoiser`: a diffusion model's denoiser ``D(x, sigma)`` with EDM's scalings (no offset);
-* :class:`VPDenoiser`: a DDPM-family diffusers UNet queried as an EDM denoiser at any sigma.
+* :class:`VPDenoiser`: a DDPM-family diffusers UNet queried as an EDM denoiser at any sigma;
+* :class:`TrigFlowConsistencyModel`: sCM's consistency function in TrigFlow time,
+  ``f(x_t, t) = cos(t) x_t + sin(t) sigma_data F(x_t / sigma_data, t)``, with the learned adaptive loss weighting
+  ``w(t)`` of its training.
 
 The scalings come from :mod:`lcm_kit.consistency`; the backbone is a diffusers ``UNet2DModel`` or any module with
 the signature ``F(sample, timestep, **conditioning)``.
@@ -15,6 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from .consistency import (
@@ -25,6 +29,7 @@ from .consistency import (
     edm_scalings,
     predicted_original_sample,
     sigma_to_timestep,
+    trigflow_consistency_function,
     vp_timestep_from_sigma,
 )
 
@@ -154,3 +159,58 @@ class VPDenoiser(nn.Module):
         return predicted_original_sample(model_output.float(), model_input.float(), alpha, self.prediction_type).to(
             sample.dtype
         )
+
+
+class AdaptiveLossWeighting(nn.Module):
+    """sCM's learned weighting ``w(t)``: a linear layer on sinusoidal features of the TrigFlow time (the paper's
+    choice of a tiny network on the time embedding), initialised to ``w = 0``."""
+
+    def __init__(self, num_features: int = 128):
+        super().__init__()
+        self.num_features = num_features
+        self.linear = nn.Linear(num_features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = get_timestep_embedding(t.reshape(-1).float(), self.num_features, flip_sin_to_cos=True,
+                                          downscale_freq_shift=0)
+        return self.linear(features).reshape(-1)
+
+
+class TrigFlowConsistencyModel(nn.Module):
+    """sCM's consistency function ``f(x_t, t)`` in TrigFlow time
+    (:func:`~lcm_kit.consistency.trigflow_consistency_function`).
+
+    The backbone sees ``x_t / sigma_data`` (= the EDM input ``c_in x_sigma`` at ``sigma = sigma_data tan t``) and the
+    time ``t`` (``time_conditioning`` maps t to another time input, for experiments);
+    :class:`~lcm_kit.schedulers.CMMultistepScheduler` with ``parameterization="trigflow"`` samples it.
+    ``loss_weighting`` (training only) is the learned ``w(t)``; it lives here so that one module (one DDP forward)
+    holds every trained parameter.
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = SIGMA_DATA, conditioning: Callable = class_label_kwargs,
+                 loss_weighting: nn.Module | None = None, time_conditioning: Callable | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = sigma_data
+        self.conditioning = conditioning
+        self.loss_weighting = loss_weighting
+        self.time_conditioning = time_conditioning  # None: t itself (what the trigflow scheduler feeds)
+
+    def network(self, sample: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        """``F(x_t / sigma_data, t)``, the raw backbone output."""
+        t = batch_sigma(t, sample)
+        time_input = t if self.time_conditioning is None else self.time_conditioning(t)
+        out = backbone_output(self.backbone, sample / self.sigma_data, time_input, self.conditioning(class_labels))
+        return out.to(sample.dtype)
+
+    def forward(self, sample: torch.Tensor, t, class_labels=None, return_network_output: bool = False):
+        """``f(x_t, t)``; with ``return_network_output`` the pair ``(F, w(t))`` the sCM loss needs (``w = 0``
+        without ``loss_weighting``)."""
+        network_output = self.network(sample, t, class_labels)
+        if return_network_output:
+            t = batch_sigma(t, sample)
+            weight = self.loss_weighting(t) if self.loss_weighting is not None else torch.zeros_like(t)
+            return network_output, weight
+        return trigflow_consistency_function(network_output, sample, batch_sigma(t, sample), self.sigma_data)

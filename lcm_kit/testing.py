@@ -233,7 +233,8 @@ class ToyMLP(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, class_labels=None) -> torch.Tensor:
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).float()
         timestep = timestep.expand(sample.shape[0]) if timestep.numel() == 1 else timestep
-        sinusoids = get_timestep_embedding(timestep, self.time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        sinusoids = get_timestep_embedding(timestep, self.time_embed_dim, flip_sin_to_cos=True,
+                                           downscale_freq_shift=0).to(sample.dtype)
         emb = self.time_proj(sinusoids)
         if self.class_embedding is not None:
             if class_labels is None:
@@ -313,8 +314,9 @@ def train_toy_consistency(
     sampling_ema_decay: float = 0.999,
     seed: int = 0,
     progress: bool = False,
+    num_steps: int | None = None,
 ):
-    """Train ``model`` for ``loss.total_steps`` steps; returns ``(sampling_ema_model, losses)``.
+    """Train ``model`` for ``num_steps`` steps (default ``loss.total_steps``); returns ``(sampling_ema_model, losses)``.
 
     The bookkeeping of the papers in a few lines: a target network updated with mu(k) for CD / CT (none for iCT) and
     a separate EMA of the online weights for sampling.
@@ -325,7 +327,7 @@ def train_toy_consistency(
     optimizer = torch.optim.RAdam(model.parameters(), lr=learning_rate)
     conditional = _is_conditional(model)
     losses = []
-    for step in tqdm(range(loss.total_steps), disable=not progress, desc=loss.mode):
+    for step in tqdm(range(loss.total_steps if num_steps is None else num_steps), disable=not progress, desc=loss.mode):
         clean, labels = data_fn(batch_size, generator)
         out = loss(model, clean, step, target_model=target, class_labels=labels if conditional else None,
                         generator=generator)

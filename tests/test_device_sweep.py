@@ -44,6 +44,7 @@ from lcm_kit.sampling import consistency_sample, edm_sample
 from lcm_kit.schedulers import ConsistencyScheduler
 from lcm_kit.schedulers.scheduling_cm import CMMultistepScheduler
 from lcm_kit.testing import tiny_sd_components, tiny_unet
+from lcm_kit.training.discriminator import TrainableDiscriminator
 from lcm_kit.training.fused_lora import fused_lora_forward
 from lcm_kit.training.losses import (
     ConsistencyLoss,
@@ -340,6 +341,29 @@ def test_pcm_and_tcd_objectives_on_meta(lcm_objective, mode, method):
     test_lcm_objective_on_meta(lcm_objective, mode, True, method)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_pcm_objective_with_the_adversarial_loss_on_meta(lcm_objective, mode):
+    """PCM's adversarial consistency loss (discriminator heads on the teacher's features, their own AdamW step inside
+    compute_loss): cached batch, no host-to-device copy; the heads' new weights and the student's gradients on meta,
+    the heads without a gradient from the student's loss."""
+    objective, _ = lcm_objective(mode, method="pcm", num_phases=2, adversarial_weight=0.1,
+                                 adversarial_learning_rate=1e-3)
+    objective_to_meta(objective)
+    # as the objective builds it: the heads moved to the device first, then their optimiser
+    objective.discriminator = TrainableDiscriminator(objective.discriminator.heads.to(META), 1e-3, max_grad_norm=1.0)
+    batch = {"latents": meta_randn(2, 8, 4, 4), "prompt_embeds": meta_randn(2, 77, 32)}
+    model = objective.trainable_model()
+    with DeviceAudit() as audit:
+        loss, logs = objective.compute_loss(model, batch, 0, None)
+        loss.backward()
+    assert_on_meta(loss, logs["adversarial_d_loss"], logs["adversarial_g_loss"], *objective.discriminator.params)
+    assert objective.discriminator.optimizer.state  # the heads stepped
+    assert all(p.grad is None for p in objective.discriminator.params)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.device.type == "meta" for p in trained)
+    assert not audit.host_to_device, audit.host_to_device
+
+
 def test_full_lcm_objective_under_bf16_mixed_precision(lcm_objective, lcm_batch):
     """What meta cannot show: dtypes under autocast. Frozen teacher and text encoder in bf16, fp32 student with its
     w-embedding and EMA target, CPU bf16 autocast (the GPU check runs fp16 and bf16 on CUDA): a finite fp32 loss and
@@ -472,3 +496,25 @@ def test_cm_pipeline_to_latents_on_meta():
         samples = pipe(batch_size=2, class_labels=[1, 2], num_inference_steps=1, output_type="latent").images
     assert_on_meta(samples)
     assert samples.shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["sct", "scd", "ect"])
+def test_continuous_and_ect_losses_on_meta(mode):
+    """sCT / sCD (the JVP through the UNet, the learned weighting) and ECT run with every tensor on the device."""
+    from lcm_kit.precond import AdaptiveLossWeighting, TrigFlowConsistencyModel
+    from lcm_kit.training.losses import ECTLoss, SCMLoss
+
+    if mode == "ect":
+        model, loss_fn = ConsistencyModel(small_unet2d(10)).to(META).train(), ECTLoss(1000)
+    else:
+        model = TrigFlowConsistencyModel(small_unet2d(10), loss_weighting=AdaptiveLossWeighting()).to(META).train()
+        teacher = VPDenoiser(small_unet2d(10), DDPMScheduler().alphas_cumprod).to(META) if mode == "scd" else None
+        loss_fn = SCMLoss(mode, teacher=teacher, tangent_warmup_steps=100)
+    clean, labels = meta_randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]).to(META)
+    with DeviceAudit() as audit:
+        out = loss_fn(model, clean, 600, class_labels=labels, generator=None)
+        out.loss.mean().backward()
+    assert_on_meta(out.loss)
+    assert out.loss.shape == (4,)
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+    assert not audit.host_to_device, audit.host_to_device

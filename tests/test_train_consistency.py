@@ -12,8 +12,8 @@ from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, 
 from PIL import Image
 from safetensors.torch import load_file
 
-from lcm_kit.training.args import build_consistency_parser
-from lcm_kit.training.cm_objective import load_teacher_denoiser
+from lcm_kit.training.args import build_consistency_parser, validate_consistency_args
+from lcm_kit.training.cm_objective import build_consistency_loss, load_teacher_denoiser
 from lcm_kit.training.train_consistency import main as train_consistency
 
 TINY_UNET = ["--block_out_channels", "16,32", "--layers_per_block", "1"]
@@ -86,10 +86,13 @@ def test_ict_class_conditional_trains_saves_a_stock_pipeline_and_pushes(digits_f
     assert "hf_secret" not in hub.card and "hf_secret" not in (out / "training_args.json").read_text()
 
 
-def test_ct_resume_is_bit_exact(digits_folder, tmp_path):
+@pytest.mark.parametrize("mode_flags", [["--mode", "ct"], ["--mode", "sct", "--tangent_warmup_steps", "3"]],
+                         ids=["ct", "sct"])
+def test_resume_is_bit_exact(digits_folder, tmp_path, mode_flags):
     """Resuming from the step-2 checkpoint of a 4-step run ends with the same weights, bit for bit, as the
-    uninterrupted run (the CT curricula depend on --max_train_steps, so the resumed run keeps it). Each run is its own
-    process, as in real use (in one process, CPU kernels may round differently on differently aligned buffers)."""
+    uninterrupted run (the CT curricula depend on --max_train_steps, so the resumed run keeps it; sCT adds the JVP
+    tangent, its warm-up and the learned weighting). Each run is its own process, as in real use (in one process, CPU
+    kernels may round differently on differently aligned buffers)."""
     import os
     import shutil
     import subprocess
@@ -98,7 +101,7 @@ def test_ct_resume_is_bit_exact(digits_folder, tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "train_scripts" / "train_consistency.py"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    base = ["--mode", "ct", "--checkpointing_steps", "2"]
+    base = [*mode_flags, "--checkpointing_steps", "2"]
 
     def run(out, extra=()):
         proc = subprocess.run([sys.executable, str(script), *common_args(digits_folder, out, steps=4), *base, *extra],
@@ -116,8 +119,9 @@ def test_ct_resume_is_bit_exact(digits_folder, tmp_path):
         assert full.keys() == resumed.keys()
         for key in full:
             assert torch.equal(full[key], resumed[key]), (sub, key)
-    state = load_file(tmp_path / "full" / "checkpoint-2" / "objective_state.safetensors")
-    assert any(k.startswith("target.") for k in state) and any(k.startswith("ema.") for k in state)
+    if mode_flags[1] == "ct":
+        state = load_file(tmp_path / "full" / "checkpoint-2" / "objective_state.safetensors")
+        assert any(k.startswith("target.") for k in state) and any(k.startswith("ema.") for k in state)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +165,10 @@ def test_latent_space_ct_decodes_with_the_saved_vae(digits_folder, tmp_path):
 
 def test_flags_are_validated_before_training(digits_folder, tmp_path):
     parser = build_consistency_parser()
-    args = parser.parse_args(["--mode", "ict", "--dataset_name", "x"])
-    assert (args.p_mean, args.p_std, args.sigma_min, args.sigma_max, args.ema_decay) == (-1.1, 2.0, 0.002, 80.0, 0.9999)
+    args = parser.parse_args(["--mode", "ict", "--dataset_name", "x", "--max_train_steps", "10"])
+    validate_consistency_args(args)
+    loss = build_consistency_loss(args)
+    assert (loss.p_mean, loss.p_std, args.sigma_min, args.sigma_max, args.ema_decay) == (-1.1, 2.0, 0.002, 80.0, 0.9999)
     with pytest.raises(ValueError, match="--teacher"):
         train_consistency(common_args(digits_folder, tmp_path / "a") + ["--mode", "cd"])
     with pytest.raises(ValueError, match="--teacher only applies to --mode cd"):
@@ -190,3 +196,54 @@ def test_new_unet_flags_do_not_apply_to_a_pretrained_unet(digits_folder, ddpm_te
     with pytest.raises(ValueError, match="--dropout shapes a new UNet"):
         train_consistency(common_args(digits_folder, tmp_path / "x", new_unet=False)
                           + ["--mode", "ict", "--pretrained_unet", str(ddpm_teacher), "--dropout", "0.2"])
+
+
+def test_sct_trains_with_its_weighting_and_saves_a_trigflow_folder_the_stock_pipeline_samples(digits_folder, tmp_path):
+    from lcm_kit.sampling import consistency_sample
+    from lcm_kit.schedulers import CMMultistepScheduler
+
+    out = tmp_path / "sct"
+    result = train_consistency(common_args(digits_folder, out, steps=3)
+                               + ["--mode", "sct", "--num_class_embeds", "10", "--validation_prompts", "1"])
+    assert result.global_step == 3 and np.isfinite(result.last_loss)
+    # the learned weighting trained with the model (and is not part of the saved backbone)
+    assert result.model.loss_weighting.linear.weight.abs().sum() > 0
+    assert not any("loss_weighting" in k for k in load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    # The folder names lcm-kit's scheduler in its TrigFlow parameterisation; the stock pipeline loads and samples it
+    # exactly as lcm-kit's sampler does.
+    pipe = ConsistencyModelPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.scheduler, CMMultistepScheduler) and pipe.scheduler.config.parameterization == "trigflow"
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(batch_size=2, class_labels=[3, 7], num_inference_steps=1, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ours = consistency_sample(pipe.unet, pipe.scheduler, noise, class_labels=torch.tensor([3, 7]),
+                              num_inference_steps=1)
+    torch.testing.assert_close(stock, (ours / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_scd_distils_a_ddpm_teacher_and_ect_starts_from_the_pretrained_unet(digits_folder, ddpm_teacher, tmp_path):
+    result = train_consistency(common_args(digits_folder, tmp_path / "scd", steps=2)
+                               + ["--mode", "scd", "--teacher", str(ddpm_teacher), "--tangent_warmup_steps", "0",
+                                  "--no-adaptive_weighting", "--validation_prompts"])
+    assert result.global_step == 2 and np.isfinite(result.last_loss) and result.model.loss_weighting is None
+    result = train_consistency(common_args(digits_folder, tmp_path / "ect", steps=2, new_unet=False)
+                               + ["--mode", "ect", "--pretrained_unet", str(ddpm_teacher), "--ect_stages", "2",
+                                  "--validation_prompts"])
+    assert result.global_step == 2 and np.isfinite(result.last_loss)
+    pipe = ConsistencyModelPipeline.from_pretrained(str(tmp_path / "ect"))
+    assert isinstance(pipe.scheduler, CMStochasticIterativeScheduler)  # ECT stays in the stock parameterisation
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "ect"], "--pretrained_unet"),
+    (["--mode", "ict", "--ect_q", "2"], "--ect_q only applies to --mode ect"),
+    (["--mode", "ect", "--tangent_warmup_steps", "5"], "--tangent_warmup_steps only applies to --mode sct / scd"),
+    (["--mode", "sct", "--loss_type", "l1"], "--loss_type only applies"),
+    (["--mode", "sct", "--teacher", "x"], "--teacher only applies to --mode cd and scd"),
+    (["--mode", "scd"], "--mode scd needs --teacher"),
+    (["--mode", "ct", "--p_mean", "-1"], "--p_mean only applies"),
+])
+def test_continuous_and_ect_flags_are_validated(digits_folder, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train_consistency(common_args(digits_folder, tmp_path / "x") + extra)

@@ -11,6 +11,9 @@ so the stock ``ConsistencyModelPipeline`` runs with either. What it adds:
 * bad configs and arguments raise a ``ValueError`` / ``TypeError`` naming them, and the schedule is kept on the host
   too, so ``step`` never reads a device tensor (it also runs with every tensor on ``meta``);
 * ``step`` also returns ``denoised`` (the x0 estimate);
+* ``parameterization="trigflow"`` samples a TrigFlow consistency model (sCT / sCD): the backbone's time input is
+  ``t = arctan(sigma / sigma_data)`` and the boundary scalings have no offset (``f(x, 0) = x``); the default
+  ``"edm"`` is the stock scheduler's;
 * all math (boundary scalings with the sigma_min offset, c_in, 250 log sigma) comes from :mod:`lcm_kit.consistency`.
 """
 
@@ -23,10 +26,11 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_consistency_models import CMStochasticIterativeScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (see below)
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..consistency import consistency_scalings, sigma_to_timestep
+from ..consistency import consistency_scalings, sigma_to_timestep, trigflow_time_from_sigma
 from ..utils import check_exactly_one
 from .scheduler_args import begin_step, check_bool, check_device, check_int, check_real, schedule_index
 
@@ -58,7 +62,10 @@ class CMMultistepScheduler(CMStochasticIterativeScheduler):
     `scheduler.sigmas[0] * z` (`init_noise_sigma` stays `sigma_max`, as the stock pipeline expects).
     """
 
+    # A saved folder names this module as the scheduler's library; diffusers' loader then looks the loadable base
+    # class (SchedulerMixin) up in this module, which is why it is imported here.
     _compatibles = [CMStochasticIterativeScheduler.__name__]
+    PARAMETERIZATIONS = ("edm", "trigflow")
 
     @register_to_config
     def __init__(
@@ -70,7 +77,10 @@ class CMMultistepScheduler(CMStochasticIterativeScheduler):
         s_noise: float = 1.0,
         rho: float = 7.0,
         clip_denoised: bool = True,
+        parameterization: str = "edm",
     ):
+        if parameterization not in self.PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {self.PARAMETERIZATIONS}, got {parameterization!r}.")
         # The stock scheduler divides by num_train_timesteps - 1 and takes roots of sigma: check before it does.
         check_int("num_train_timesteps", num_train_timesteps, 2, 10**9)
         sigma_min = check_real("sigma_min", sigma_min, "> 0", lambda v: v > 0)
@@ -84,13 +94,24 @@ class CMMultistepScheduler(CMStochasticIterativeScheduler):
                          sigma_data=sigma_data, s_noise=s_noise, rho=rho, clip_denoised=clip_denoised)
         self._host_timesteps = self.timesteps.tolist()
 
+    @property
+    def _boundary_offset(self) -> float:
+        return self.config.sigma_min if self.config.get("parameterization", "edm") == "edm" else 0.0
+
     def sigma_to_t(self, sigmas):
-        """The model's time input for sigmas: `250 log(sigma)` (:func:`lcm_kit.consistency.sigma_to_timestep`)."""
-        return sigma_to_timestep(sigmas if torch.is_tensor(sigmas) else np.asarray(sigmas, dtype=np.float64))
+        """The model's time input for sigmas: `250 log(sigma)` (:func:`lcm_kit.consistency.sigma_to_timestep`), or
+        the TrigFlow time `arctan(sigma / sigma_data)` with `parameterization="trigflow"`."""
+        sigmas = sigmas if torch.is_tensor(sigmas) else np.asarray(sigmas, dtype=np.float64)
+        if self.config.get("parameterization", "edm") == "trigflow":
+            if torch.is_tensor(sigmas):
+                return trigflow_time_from_sigma(sigmas, self.config.sigma_data)
+            return np.arctan(sigmas / self.config.sigma_data)
+        return sigma_to_timestep(sigmas)
 
     def get_scalings_for_boundary_condition(self, sigma):
-        """`(c_skip, c_out)` with the sigma_min offset, so `f(x, sigma_min) = x` exactly."""
-        c_skip, c_out, _ = consistency_scalings(sigma, self.config.sigma_data, self.config.sigma_min)
+        """`(c_skip, c_out)` with the sigma_min offset, so `f(x, sigma_min) = x` exactly (no offset for
+        `parameterization="trigflow"`: `f(x, 0) = x`)."""
+        c_skip, c_out, _ = consistency_scalings(sigma, self.config.sigma_data, self._boundary_offset)
         return c_skip, c_out
 
     def set_timesteps(

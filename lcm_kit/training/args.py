@@ -31,12 +31,14 @@ import sys
 from ..argtypes import CommandParser, float_range, int_range
 from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, SOLVERS, TARGET_RULES, phase_edge_timesteps
 from ..lora.adapter import LCM_LORA_TARGET_MODULES
+from .losses import CM_MODES, SCM_MODES
 from .losses.cm import CONSISTENCY_LOSS_TYPES
-from .losses.cm import MODES as CM_MODES
 from .losses.lcm import LCMDistillationConfig
+from .losses.scm import TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS
 from .redaction import is_secret_name, redact_text, remember_secret
 
 LCM_LOSS_TYPES = ("l2", "huber")
+ADVERSARIAL_LEARNING_RATE = 1e-5  # PCM's SD 1.5 script (its discriminator heads' AdamW)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = (
     "linear",
@@ -199,6 +201,15 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
     group.add_argument("--num_phases", type=_positive_int, default=None,
                        help="PCM's number of phases (= its sampling steps), at most --num_ddim_timesteps; --method "
                             "pcm only (default 4).")
+    group.add_argument("--adversarial_weight", type=_non_negative, default=0.0,
+                       help="PCM's adversarial consistency loss in latent space: weight of its generator term (the "
+                            "PCM scripts: 0.1; 0 = off). Light heads on the frozen teacher UNet's block features "
+                            "judge the student's phase-edge prediction against the target's, both noised within the "
+                            "phase; they train beside the student and are checkpointed, never saved with the model. "
+                            "--method pcm only.")
+    group.add_argument("--adversarial_learning_rate", type=_positive, default=None,
+                       help="Learning rate of the discriminator heads (AdamW, betas (0, 0.999)); only with "
+                            "--adversarial_weight > 0 (default 1e-5, the PCM SD 1.5 script's).")
     group.add_argument("--num_ddim_timesteps", type=_positive_int, default=50, help="Skip-step grid size (k = T / N).")
     group.add_argument("--solver", type=str, default="ddim", choices=SOLVERS, help="Teacher ODE solver.")
     group.add_argument("--w_min", type=_non_negative, default=w_min,
@@ -256,9 +267,12 @@ def add_consistency_args(parser) -> None:
     """Flags of consistency distillation / training (the loop, data and hub groups come from the other groups)."""
     group = parser.add_argument_group("consistency models")
     group.add_argument("--mode", type=str, required=True, choices=CM_MODES,
-                       help="cd: distil a diffusion teacher's ODE; ct: consistency training; ict: improved CT.")
+                       help="cd: distil a diffusion teacher's ODE; ct: consistency training; ict: improved CT; "
+                            "ect: Easy Consistency Tuning from --pretrained_unet (a diffusion model's UNet); "
+                            "sct / scd: continuous-time consistency training / distillation in TrigFlow time (sCM).")
     group.add_argument("--teacher", type=str, default=None,
-                       help="cd only: a diffusers folder with unet/ (UNet2DModel) and scheduler/ (DDPM-family: epsilon, "
+                       help="cd and scd: a diffusers folder with unet/ (UNet2DModel) and scheduler/ (DDPM-family: "
+                            "epsilon, "
                             "v_prediction or sample; or EDM: EDMEulerScheduler / EDMDPMSolverMultistepScheduler).")
     group.add_argument("--teacher_solver", type=str, default=None, choices=("euler", "heun"),
                        help="cd only: the teacher's ODE step (default heun).")
@@ -271,9 +285,26 @@ def add_consistency_args(parser) -> None:
     group.add_argument("--s0", type=_positive_int, default=None, help="ct / ict: first N of the curriculum (2 / 10).")
     group.add_argument("--s1", type=_positive_int, default=None, help="ct / ict: last N of the curriculum (150 / 1280).")
     group.add_argument("--mu0", type=_decay, default=None, help="ct only: mu0 of the target EMA schedule (0.9).")
-    group.add_argument("--p_mean", type=_finite, default=-1.1, help="Lognormal index sampling mean (ict).")
-    group.add_argument("--p_std", type=_positive, default=2.0, help="Lognormal index sampling std (ict).")
-    group.add_argument("--sigma_min", type=_positive, default=SIGMA_MIN, help="Smallest noise level.")
+    group.add_argument("--p_mean", type=_finite, default=None,
+                       help="Lognormal noise-level mean: ict / ect index or sigma sampling (default -1.1); sct / scd "
+                            "sigma_data tan t (default -1.0).")
+    group.add_argument("--p_std", type=_positive, default=None,
+                       help="Lognormal noise-level std (default 2.0 for ict / ect, 1.4 for sct / scd).")
+    group.add_argument("--ect_stages", type=_positive_int, default=None,
+                       help="ect only: stages over which the pair gap t - r halves (by --ect_q) (default 8).")
+    group.add_argument("--ect_q", type=float_range(1.0, low_inclusive=False), default=None,
+                       help="ect only: the factor the gap shrinks by at each stage (default 2).")
+    group.add_argument("--tangent_warmup_steps", type=int_range(0), default=None,
+                       help=f"sct / scd: steps of the tangent warm-up (default {TANGENT_WARMUP_STEPS:,}, at most a "
+                            "tenth of --max_train_steps so a short run finishes it).")
+    group.add_argument("--tangent_normalization_c", type=_positive, default=None,
+                       help=f"sct / scd: c of the tangent normalisation g / (||g|| + c) (default "
+                            f"{TANGENT_NORMALIZATION_C}).")
+    group.add_argument("--adaptive_weighting", action=argparse.BooleanOptionalAction, default=None,
+                       help="sct / scd: learn sCM's adaptive loss weighting w(t) (default on).")
+    group.add_argument("--sigma_min", type=_positive, default=SIGMA_MIN,
+                       help="Smallest noise level; also the boundary offset, except for sct / "
+                            "scd (TrigFlow: f(x, 0) = x).")
     group.add_argument("--sigma_max", type=_positive, default=SIGMA_MAX, help="Largest noise level.")
     group.add_argument("--sigma_data", type=_positive, default=SIGMA_DATA, help="Data standard deviation.")
     group.add_argument("--rho", type=_positive, default=RHO, help="Karras schedule exponent.")
@@ -409,6 +440,15 @@ def validate_lcm_args(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise ValueError(f"--num_phases {args.num_phases}: {error} Lower --num_phases or raise "
                              f"--num_ddim_timesteps.") from None
+    if args.adversarial_weight > 0 and args.method != "pcm":
+        raise ValueError(f"--adversarial_weight only applies to --method pcm (its discriminator reads the phase-edge "
+                         f"prediction noised within its phase), got --method {args.method}; drop it or use --method "
+                         "pcm.")
+    if args.adversarial_weight == 0 and args.adversarial_learning_rate is not None:
+        raise ValueError(f"--adversarial_learning_rate {args.adversarial_learning_rate:g} has no effect with "
+                         "--adversarial_weight 0 (no discriminator); set --adversarial_weight > 0 or drop it.")
+    if args.adversarial_weight > 0 and args.adversarial_learning_rate is None:
+        args.adversarial_learning_rate = ADVERSARIAL_LEARNING_RATE
     if args.validation_num_inference_steps is None:
         args.validation_num_inference_steps = args.num_phases if args.method == "pcm" else 4
     if args.w_min > args.w_max:
@@ -420,19 +460,31 @@ def validate_lcm_args(args: argparse.Namespace) -> None:
         )
 
 
+# Which modes each mode-specific flag applies to (any other mode given it is an error, never silently ignored).
+CONSISTENCY_FLAG_MODES = {
+    "teacher_solver": ("cd",), "num_scales": ("cd",), "target_ema_decay": ("cd",), "mu0": ("ct",),
+    "s0": ("ct", "ict"), "s1": ("ct", "ict"), "ect_stages": ("ect",), "ect_q": ("ect",),
+    "tangent_warmup_steps": SCM_MODES, "tangent_normalization_c": SCM_MODES, "adaptive_weighting": SCM_MODES,
+    "p_mean": ("ict", "ect", *SCM_MODES), "p_std": ("ict", "ect", *SCM_MODES), "loss_type": ("cd", "ct", "ict", "ect"),
+    "huber_c": ("cd", "ct", "ict", "ect"),
+}
+
+
 def validate_consistency_args(args: argparse.Namespace) -> None:
     if args.max_train_steps is None:
-        raise ValueError("--max_train_steps is required: the CT / iCT curricula are defined over the total step count.")
-    if args.mode == "cd" and args.teacher is None:
-        raise ValueError("--mode cd needs --teacher (a diffusers folder with unet/ and scheduler/).")
-    if args.mode != "cd":
-        for flag in ("teacher", "teacher_solver", "num_scales", "target_ema_decay"):
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag} only applies to --mode cd, got --mode {args.mode}.")
-    if args.mode != "ct" and args.mu0 is not None:
-        raise ValueError(f"--mu0 only applies to --mode ct, got --mode {args.mode}.")
-    if args.mode == "cd" and (args.s0 is not None or args.s1 is not None):
-        raise ValueError("--s0 / --s1 only apply to --mode ct and ict.")
+        raise ValueError("--max_train_steps is required: the CT / iCT / ECT curricula are defined over the total step "
+                         "count.")
+    if args.mode in ("cd", "scd") and args.teacher is None:
+        raise ValueError(f"--mode {args.mode} needs --teacher (a diffusers folder with unet/ and scheduler/).")
+    if args.mode not in ("cd", "scd") and args.teacher is not None:
+        raise ValueError(f"--teacher only applies to --mode cd and scd, got --mode {args.mode}.")
+    for flag, modes in CONSISTENCY_FLAG_MODES.items():
+        if getattr(args, flag) is not None and args.mode not in modes:
+            raise ValueError(f"--{flag} only applies to --mode {' / '.join(modes)}, got --mode {args.mode}.")
+    if args.mode == "ect" and args.pretrained_unet is None:
+        raise ValueError("--mode ect tunes a diffusion model into a consistency model: give its UNet2DModel with "
+                         "--pretrained_unet (an EDM-preconditioned denoiser's backbone with the consistency time "
+                         "input 250 log sigma, e.g. one trained with lcm_kit.training.losses.EDMDenoisingLoss).")
     if args.s0 is not None and args.s1 is not None and not args.s0 < args.s1:
         raise ValueError(f"--s0 must be < --s1 (the curriculum grows from s0 to s1), got s0={args.s0}, s1={args.s1}.")
     if args.pretrained_unet is not None:

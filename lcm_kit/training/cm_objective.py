@@ -1,10 +1,13 @@
-"""The consistency-model training objective (CD / CT / iCT) of a diffusers ``UNet2DModel``, pixel or VAE-latent.
+"""The consistency-model training objective of a diffusers ``UNet2DModel``, pixel or VAE-latent: CD / CT / iCT, ECT
+and the continuous-time sCT / sCD.
 
-:class:`CMObjective` is what :func:`lcm_kit.training.loop.run_training` drives with
-:class:`~lcm_kit.training.losses.ConsistencyLoss`: the online model (trained), the target network (EMA with mu(k) for
-CD / CT, kept by the loop; none for iCT), the sampling EMA (``--ema_decay``, the saved model), the teacher (CD) and
-the VAE (latent space). :func:`train_consistency_model` runs the whole job from parsed flags; the output folder is a
-stock diffusers ``ConsistencyModelPipeline``.
+:class:`CMObjective` is what :func:`lcm_kit.training.loop.run_training` drives with the mode's loss
+(:class:`~lcm_kit.training.losses.ConsistencyLoss`, :class:`~lcm_kit.training.losses.ECTLoss`,
+:class:`~lcm_kit.training.losses.SCMLoss`): the online model (trained; a TrigFlow consistency model with its learned
+loss weighting for sCT / sCD), the target network (EMA with mu(k) for CD / CT, kept by the loop; none for the
+others), the sampling EMA (``--ema_decay``, the saved model), the teacher (CD, sCD) and the VAE (latent space).
+:func:`train_consistency_model` runs the whole job from parsed flags; the output folder is a diffusers
+``ConsistencyModelPipeline`` (with lcm-kit's ``CMMultistepScheduler`` for a TrigFlow model).
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from torch import nn
 
 from ..consistency import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..pipelines.pipeline_cm import CMPipeline
-from ..precond import ConsistencyModel, EDMDenoiser, VPDenoiser
+from ..precond import AdaptiveLossWeighting, ConsistencyModel, EDMDenoiser, TrigFlowConsistencyModel, VPDenoiser
 from ..schedulers.scheduling_cm import CMMultistepScheduler
-from ..utils import sample_latents
+from ..utils import sample_latents, unwrap_model
 from . import hub
 from .args import validate_consistency_args, validate_data_args, validate_training_args
 from .data import build_dataloader_from_args, load_train_dataset_from_args
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
-from .losses import ConsistencyLoss
+from .losses import DISCRETE_CM_MODES, SCM_MODES, ConsistencyLoss, ECTLoss, SCMLoss
+from .losses.scm import SCM_P_MEAN, SCM_P_STD, TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS
 
 
 def consistency_scheduler_config(
@@ -42,9 +46,12 @@ def consistency_scheduler_config(
     rho: float = RHO,
     num_train_timesteps: int = 40,
     clip_denoised: bool = True,
+    parameterization: str = "edm",
 ) -> dict:
-    """Config of the ``CMStochasticIterativeScheduler`` saved with a consistency model (same keys as ours)."""
-    return dict(
+    """Config of the scheduler saved with a consistency model: diffusers' ``CMStochasticIterativeScheduler`` keys,
+    plus ``parameterization="trigflow"`` for a TrigFlow (sCT / sCD) model, which only lcm-kit's
+    ``CMMultistepScheduler`` samples."""
+    config = dict(
         num_train_timesteps=num_train_timesteps,
         sigma_min=sigma_min,
         sigma_max=sigma_max,
@@ -53,6 +60,9 @@ def consistency_scheduler_config(
         rho=rho,
         clip_denoised=clip_denoised,
     )
+    if parameterization != "edm":
+        config["parameterization"] = parameterization
+    return config
 
 
 def save_consistency_pipeline(unet, output_dir: str, **scheduler_kwargs):
@@ -60,7 +70,8 @@ def save_consistency_pipeline(unet, output_dir: str, **scheduler_kwargs):
 
     The folder holds ``unet/`` (safetensors) and ``scheduler/`` (``CMStochasticIterativeScheduler`` with the sigma
     range the model was trained with: ``scheduler_kwargs`` override :func:`consistency_scheduler_config`), so
-    ``ConsistencyModelPipeline.from_pretrained(output_dir)`` samples it; class-conditional UNets
+    ``ConsistencyModelPipeline.from_pretrained(output_dir)`` samples it (a TrigFlow model's folder names lcm-kit's
+    ``CMMultistepScheduler`` with ``parameterization="trigflow"``); class-conditional UNets
     (``num_class_embeds``) take ``class_labels``. Returns the pipeline.
     """
 
@@ -68,8 +79,11 @@ def save_consistency_pipeline(unet, output_dir: str, **scheduler_kwargs):
         raise TypeError(
             f"unet must be a diffusers UNet2DModel to save a ConsistencyModelPipeline, got {type(unet).__name__}."
         )
-    scheduler = CMStochasticIterativeScheduler(**{**consistency_scheduler_config(), **scheduler_kwargs})
-    pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+    config = {**consistency_scheduler_config(), **scheduler_kwargs}
+    # A TrigFlow model needs lcm-kit's scheduler (its time input and scalings); the folder then names it, and the
+    # stock pipeline loads it wherever lcm_kit is installed.
+    scheduler_class = CMMultistepScheduler if "parameterization" in config else CMStochasticIterativeScheduler
+    pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler_class(**config))
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     return pipeline
 
@@ -155,34 +169,21 @@ class CMObjective(TrainingObjective):
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         # The one handle of the online network (the backbone is ``self.model.backbone``).
-        self.model = ConsistencyModel(unet.to(self.device).train(), sigma_min=args.sigma_min,
-                                      sigma_data=args.sigma_data)
+        if args.mode in SCM_MODES:
+            weighting = AdaptiveLossWeighting() if args.adaptive_weighting is not False else None
+            self.model = TrigFlowConsistencyModel(unet, sigma_data=args.sigma_data, loss_weighting=weighting)
+        else:
+            self.model = ConsistencyModel(unet, sigma_min=args.sigma_min, sigma_data=args.sigma_data)
+        self.model.to(self.device).train()
 
         teacher = None
-        if args.mode == "cd":
+        if args.mode in ("cd", "scd"):
             teacher = load_teacher_denoiser(args.teacher, args.cache_dir)
             teacher.to(self.device)
             if self.weight_dtype != torch.float32:  # the network only: the noise schedule stays fp32
                 (teacher.unet if isinstance(teacher, VPDenoiser) else teacher.backbone).to(self.weight_dtype)
         self.teacher = teacher
-        self.loss = ConsistencyLoss(
-            args.mode,
-            args.max_train_steps or 1,
-            teacher=teacher,
-            solver=args.teacher_solver,
-            loss_type=args.loss_type,
-            huber_c=args.huber_c,
-            num_scales=args.num_scales,
-            s0=args.s0,
-            s1=args.s1,
-            mu0=args.mu0,
-            target_ema_decay=args.target_ema_decay,
-            p_mean=args.p_mean,
-            p_std=args.p_std,
-            sigma_min=args.sigma_min,
-            sigma_max=args.sigma_max,
-            rho=args.rho,
-        )
+        self.loss = build_consistency_loss(args, teacher)
         self.target = None
         if self.loss.uses_target_network:
             self.target = _frozen_copy(self.model)
@@ -233,10 +234,13 @@ class CMObjective(TrainingObjective):
         labels = self.class_labels(batch["captions"])
         if self.target is not None:
             self.target.train(model.training)
+        # sCM's JVP runs through the unwrapped network (forward-mode AD, no DDP hooks); its online pass is the
+        # prepared model's, so the gradients are synchronised.
+        extra = {"tangent_model": unwrap_model(model)} if self.args.mode in SCM_MODES else {}
         with self.accelerator.autocast():
-            out = self.loss(model, clean, step, target_model=self.target, class_labels=labels, generator=generator)
-        logs = {"num_scales": self.loss.num_scales(step), "target_ema_decay": self.loss.target_ema_decay(step)}
-        return out.loss.mean(), logs
+            out = self.loss(model, clean, step, target_model=self.target, class_labels=labels, generator=generator,
+                            **extra)
+        return out.loss.mean(), self.loss.logs(step)
 
     def validation_labels(self):
         if self.args.num_class_embeds is None:
@@ -279,6 +283,7 @@ class CMObjective(TrainingObjective):
             sigma_min=args.sigma_min, sigma_max=args.sigma_max, sigma_data=args.sigma_data, rho=args.rho,
             num_train_timesteps=args.scheduler_num_train_timesteps,
             clip_denoised=self.vae is None,  # pixels live in [-1, 1]; latents do not
+            parameterization="trigflow" if args.mode in SCM_MODES else "edm",
         )
 
     def save_final(self, model, output_dir):
@@ -293,6 +298,46 @@ class CMObjective(TrainingObjective):
             self.vae.save_pretrained(output_dir / "vae", safe_serialization=True)
             written.append(str(output_dir / "vae"))
         return written
+
+
+def build_consistency_loss(args, teacher=None):
+    """The loss of ``--mode`` from parsed flags (mode-specific flags left ``None`` take the paper's defaults)."""
+    total_steps = args.max_train_steps or 1
+    if args.mode in SCM_MODES:
+        warmup = args.tangent_warmup_steps
+        if warmup is None:
+            warmup = min(TANGENT_WARMUP_STEPS, total_steps // 10)
+        return SCMLoss(
+            args.mode, teacher=teacher, sigma_data=args.sigma_data,
+            p_mean=SCM_P_MEAN if args.p_mean is None else args.p_mean,
+            p_std=SCM_P_STD if args.p_std is None else args.p_std,
+            tangent_warmup_steps=warmup,
+            tangent_normalization_c=args.tangent_normalization_c or TANGENT_NORMALIZATION_C,
+            adaptive_weighting=args.adaptive_weighting is not False,
+        )
+    lognormal = {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
+    if args.mode == "ect":
+        stages = {k: v for k, v in (("num_stages", args.ect_stages), ("q", args.ect_q)) if v is not None}
+        return ECTLoss(total_steps, **stages, **lognormal, sigma_data=args.sigma_data, sigma_min=args.sigma_min,
+                       sigma_max=args.sigma_max, loss_type=args.loss_type or "pseudo_huber", huber_c=args.huber_c)
+    assert args.mode in DISCRETE_CM_MODES, args.mode
+    return ConsistencyLoss(
+        args.mode,
+        total_steps,
+        teacher=teacher,
+        solver=args.teacher_solver,
+        loss_type=args.loss_type,
+        huber_c=args.huber_c,
+        num_scales=args.num_scales,
+        s0=args.s0,
+        s1=args.s1,
+        mu0=args.mu0,
+        target_ema_decay=args.target_ema_decay,
+        **lognormal,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        rho=args.rho,
+    )
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

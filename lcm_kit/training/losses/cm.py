@@ -52,14 +52,16 @@ class ConsistencyLossOutput:
     sigma_next: torch.Tensor
 
 
-def _get_rng_state(device: torch.device):
+def get_rng_state(device: torch.device):
+    """The RNG state a dropout mask is drawn from (CPU, and CUDA on a CUDA device): replayed so that online and
+    target passes share their masks."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(device: torch.device, state) -> None:
+def set_rng_state(device: torch.device, state) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -208,6 +210,9 @@ class ConsistencyLoss:
             return ct_target_ema(min(step, self.total_steps), self.total_steps, self.s0, self.s1, self.mu0)
         return 0.0
 
+    def logs(self, step: int) -> dict:
+        return {"num_scales": self.num_scales(step), "target_ema_decay": self.target_ema_decay(step)}
+
     def sigmas(self, step: int, device=None) -> torch.Tensor:
         """The ascending Karras grid of N(k) noise levels used at step k (float64, on ``device``)."""
         return karras_sigmas(self.num_scales(step), self.sigma_min, self.sigma_max, self.rho, device=device)
@@ -285,9 +290,9 @@ class ConsistencyLoss:
         x_prev = self.previous_point(clean, noise, sigma, sigma_next, class_labels)
 
         # Replay the RNG so the online and the target pass draw the same dropout masks.
-        rng_state = _get_rng_state(clean.device)
+        rng_state = get_rng_state(clean.device)
         online = model(x_next, sigma_next, class_labels)
-        _set_rng_state(clean.device, rng_state)
+        set_rng_state(clean.device, rng_state)
         with torch.no_grad():
             target = (target_model if target_model is not None else model)(x_prev, sigma, class_labels).detach()
 

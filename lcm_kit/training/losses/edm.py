@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...consistency import SIGMA_DATA, append_dims, consistency_distance
+from ...consistency import SIGMA_DATA, append_dims, consistency_distance, edm_loss_weight
 
 
 class EDMDenoisingLoss:
@@ -22,5 +22,4 @@ class EDMDenoisingLoss:
         sigma = log_sigma.exp()
         noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
         denoised = denoiser(clean + append_dims(sigma, clean.ndim) * noise, sigma, class_labels)
-        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        return weight * consistency_distance(denoised, clean, "l2", reduce=False)
+        return edm_loss_weight(sigma, self.sigma_data) * consistency_distance(denoised, clean, "l2", reduce=False)
