@@ -313,14 +313,16 @@ def vp_timestep_from_sigma(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) ->
 
     Interpolates ``log sigma`` linearly between the model's discrete levels ``vp_sigma(alphas_cumprod[t])`` (as
     k-diffusion's discrete-schedule wrappers do), clamped to ``[0, T - 1]``: a VP teacher can then be queried as an
-    EDM denoiser at any sigma of a Karras grid.
+    EDM denoiser at any sigma of a Karras grid. The clamp keeps the end segments' slope as its derivative: a time
+    at the first or last level, a rounding error outside, still has the time derivative sCD's tangent needs.
     """
     log_sigmas = torch.log(vp_sigma(alphas_cumprod.double().to(sigma.device)))  # ascending in t
-    log_sigma = torch.log(sigma.double()).clamp(log_sigmas[0], log_sigmas[-1])
+    log_sigma = torch.log(sigma.double())
     high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, log_sigmas.numel() - 1)
     low = high - 1
-    frac = (log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
-    return (low + frac.clamp(0, 1)).to(sigma.dtype)
+    timestep = low + (log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
+    clamped = timestep + (timestep.clamp(0, log_sigmas.numel() - 1) - timestep).detach()
+    return clamped.to(sigma.dtype)
 
 
 def edm_euler_step(denoised, sample, sigma, sigma_next):
@@ -421,6 +423,22 @@ def trigflow_velocity_from_denoised(denoised, sample, t):
     (= ``cos(t) z - sin(t) x0`` with ``z`` the noise the denoiser implies)."""
     t = append_dims(t.to(sample.dtype), sample.ndim)  # a tensor on the sample's device: no host copy
     return (torch.cos(t) * sample - denoised) / torch.sin(t)
+
+
+def trigflow_output_from_vp_prediction(model_output, sample, t, prediction_type: str = "epsilon"):
+    """The TrigFlow network output ``F`` (EDM sign, ``sigma_data = 1``) of a VP model's prediction at ``x_t``.
+
+    A VP point at TrigFlow time ``t`` is ``cos(t) x0 + sin(t) eps``; with this ``F``,
+    :func:`trigflow_consistency_function` is the prediction's own x0. Per parameterisation: ``v``: ``F = -v``;
+    ``epsilon``: ``F = (sin(t) x_t - eps) / cos(t)``; ``sample``: ``F = (x0 - cos(t) x_t) / sin(t)``.
+    """
+    _check_prediction_type(prediction_type)
+    t = append_dims(t.to(sample.dtype), sample.ndim)
+    if prediction_type == "v_prediction":
+        return -model_output
+    if prediction_type == "epsilon":
+        return (torch.sin(t) * sample - model_output) / torch.cos(t)
+    return (model_output - torch.cos(t) * sample) / torch.sin(t)
 
 
 def scm_tangent(network_output, network_time_derivative, sample, velocity, t, sigma_data: float = SIGMA_DATA,

@@ -7,7 +7,8 @@
 * :class:`VPDenoiser`: a DDPM-family diffusers UNet queried as an EDM denoiser at any sigma;
 * :class:`TrigFlowConsistencyModel`: sCM's consistency function in TrigFlow time,
   ``f(x_t, t) = cos(t) x_t + sin(t) sigma_data F(x_t / sigma_data, t)``, with the learned adaptive loss weighting
-  ``w(t)`` of its training.
+  ``w(t)`` of its training; :class:`VPTrigFlowConsistencyModel` is the same function of a VP (Stable Diffusion)
+  UNet's own prediction.
 
 The scalings come from :mod:`lcm_kit.consistency`; the backbone is a diffusers ``UNet2DModel`` or any module with
 the signature ``F(sample, timestep, **conditioning)``.
@@ -30,7 +31,9 @@ from .consistency import (
     predicted_original_sample,
     sigma_to_timestep,
     trigflow_consistency_function,
+    trigflow_output_from_vp_prediction,
     vp_timestep_from_sigma,
+    vp_timestep_from_trigflow_time,
 )
 
 
@@ -214,3 +217,31 @@ class TrigFlowConsistencyModel(nn.Module):
             weight = self.loss_weighting(t) if self.loss_weighting is not None else torch.zeros_like(t)
             return network_output, weight
         return trigflow_consistency_function(network_output, sample, batch_sigma(t, sample), self.sigma_data)
+
+
+class VPTrigFlowConsistencyModel(TrigFlowConsistencyModel):
+    """A VP (DDPM-family) diffusers UNet as sCM's TrigFlow consistency model, ``sigma_data = 1``.
+
+    A VP point at TrigFlow time ``t`` is ``cos(t) x0 + sin(t) eps``: the UNet reads ``x_t`` itself at the fractional
+    timestep of ``t`` (:func:`~lcm_kit.consistency.vp_timestep_from_trigflow_time`, differentiable in ``t`` for the
+    tangent's JVP), and its epsilon / v prediction becomes ``F``
+    (:func:`~lcm_kit.consistency.trigflow_output_from_vp_prediction`). ``f(x_t, t)`` is then the UNet's own x0
+    prediction, so the trained weights (or LoRA) sample in stock pipelines as any x0 predictor does.
+    ``conditioning(c)`` gives the UNet keyword arguments (default: ``c`` is that dict, e.g. ``encoder_hidden_states``).
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 conditioning: Callable | None = None, loss_weighting: nn.Module | None = None):
+        super().__init__(unet, sigma_data=1.0, conditioning=conditioning or _unet_kwargs, loss_weighting=loss_weighting)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float(), persistent=False)
+        self.prediction_type = prediction_type
+
+    def network(self, sample: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        t = batch_sigma(t, sample)
+        timestep = vp_timestep_from_trigflow_time(t.float(), self.alphas_cumprod)
+        out = backbone_output(self.backbone, sample, timestep, self.conditioning(class_labels))
+        return trigflow_output_from_vp_prediction(out.to(sample.dtype), sample, t, self.prediction_type)
+
+
+def _unet_kwargs(conditioning) -> dict:
+    return {} if conditioning is None else dict(conditioning)

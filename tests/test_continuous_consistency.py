@@ -259,8 +259,10 @@ def test_the_jvp_runs_through_a_diffusers_unet_with_attention():
 
 
 def test_scm_bad_options_are_named():
-    with pytest.raises(ValueError, match="teacher"):
-        SCMLoss("scd")
+    with pytest.raises(ValueError, match="needs a teacher"):  # none at construction nor per call
+        SCMLoss("scd")(TrigFlowConsistencyModel(toy_backbone()), torch.randn(2, 2), 0)
+    with pytest.raises(ValueError, match="sigma_data = 1"):
+        SCMLoss("scd", alphas_cumprod=torch.linspace(0.99, 0.01, 10))
     with pytest.raises(ValueError, match="teacher"):
         SCMLoss("sct", teacher=gaussian_denoiser)
     with pytest.raises(ValueError, match="mode"):

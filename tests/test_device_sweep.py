@@ -300,6 +300,8 @@ def objective_to_meta(objective):
     objective.loss.alphas_cumprod = objective.loss.alphas_cumprod.to(META)
     if objective.loss.phase_edges is not None:
         objective.loss.phase_edges = objective.loss.phase_edges.to(META)
+    if objective.scd_loss is not None:
+        objective.scd_loss.alphas_cumprod = objective.scd_loss.alphas_cumprod.to(META)
     objective.prompts.to(META)
     objective.device = META
     return objective
@@ -339,6 +341,13 @@ def test_lcm_objective_on_meta(lcm_objective, mode, cached, method="lcm"):
 def test_pcm_and_tcd_objectives_on_meta(lcm_objective, mode, method):
     """The PCM and TCD target rules in both modes, cached batch: no host-to-device copy in the step."""
     test_lcm_objective_on_meta(lcm_objective, mode, True, method)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_scd_objective_on_meta(lcm_objective, mode):
+    """sCD on the latent teacher (times snapped to its levels, guided teacher velocity, the JVP through the UNet at
+    the fractional timestep), cached batch: no host-to-device copy in the step."""
+    test_lcm_objective_on_meta(lcm_objective, mode, True, "scd")
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

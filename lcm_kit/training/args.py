@@ -34,11 +34,14 @@ from ..lora.adapter import LCM_LORA_TARGET_MODULES
 from .losses import CM_MODES, SCM_MODES
 from .losses.cm import CONSISTENCY_LOSS_TYPES
 from .losses.lcm import LCMDistillationConfig
-from .losses.scm import TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS
+from .losses.scm import SCM_P_MEAN, SCM_P_STD, TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS
 from .redaction import is_secret_name, redact_text, remember_secret
 
 LCM_LOSS_TYPES = ("l2", "huber")
 ADVERSARIAL_LEARNING_RATE = 1e-5  # PCM's SD 1.5 script (its discriminator heads' AdamW)
+# The latent trainers' --method: a target-time rule of the LCM step, or sCD.
+LATENT_METHODS = (*TARGET_RULES, "scd")
+SCD_FLAGS = ("tangent_warmup_steps", "tangent_normalization_c", "scd_p_mean", "scd_p_std")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = (
     "linear",
@@ -191,13 +194,26 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
                        help="Hub token (never printed, logged or saved); prefer `hf auth login`.")
 
 
+def add_tangent_args(group, applies_to: str) -> None:
+    """sCM's tangent flags (warm-up, normalisation), shared by the pixel and the latent trainers."""
+    group.add_argument("--tangent_warmup_steps", type=int_range(0), default=None,
+                       help=f"{applies_to}: steps of the tangent warm-up (default {TANGENT_WARMUP_STEPS:,}, at most "
+                            "a tenth of --max_train_steps so a short run finishes it).")
+    group.add_argument("--tangent_normalization_c", type=_positive, default=None,
+                       help=f"{applies_to}: c of the tangent normalisation g / (||g|| + c) (default "
+                            f"{TANGENT_NORMALIZATION_C}).")
+
+
 def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: float = 15.0) -> None:
     group = parser.add_argument_group("latent consistency distillation")
-    group.add_argument("--method", type=str, default="lcm", choices=TARGET_RULES,
+    group.add_argument("--method", type=str, default="lcm", choices=LATENT_METHODS,
                        help="Where the student maps each point of the teacher's trajectory: lcm (to the origin), pcm "
                             "(Phased Consistency Models: to the lower edge of its phase, see --num_phases), tcd "
                             "(Trajectory Consistency Distillation: to a random earlier time). pcm and tcd models "
-                            "sample with TCDScheduler (pcm: eta=0, num_inference_steps = --num_phases).")
+                            "sample with TCDScheduler (pcm: eta=0, num_inference_steps = --num_phases). scd: sCM's "
+                            "continuous-time consistency distillation in TrigFlow time (to the origin, through a JVP "
+                            "tangent instead of a teacher step; --solver and --loss_type do not apply); it samples "
+                            "as an LCM does.")
     group.add_argument("--num_phases", type=_positive_int, default=None,
                        help="PCM's number of phases (= its sampling steps), at most --num_ddim_timesteps; --method "
                             "pcm only (default 4).")
@@ -210,6 +226,12 @@ def add_lcm_args(parser: argparse.ArgumentParser, *, w_min: float = 5.0, w_max: 
     group.add_argument("--adversarial_learning_rate", type=_positive, default=None,
                        help="Learning rate of the discriminator heads (AdamW, betas (0, 0.999)); only with "
                             "--adversarial_weight > 0 (default 1e-5, the PCM SD 1.5 script's).")
+    add_tangent_args(group, "--method scd only")
+    group.add_argument("--scd_p_mean", type=_finite, default=None,
+                       help=f"--method scd only: mean of the lognormal noise level tan t (default {SCM_P_MEAN}); the "
+                            "drawn time moves to the teacher's nearest timestep.")
+    group.add_argument("--scd_p_std", type=_positive, default=None,
+                       help=f"--method scd only: std of that lognormal (default {SCM_P_STD}).")
     group.add_argument("--num_ddim_timesteps", type=_positive_int, default=50, help="Skip-step grid size (k = T / N).")
     group.add_argument("--solver", type=str, default="ddim", choices=SOLVERS, help="Teacher ODE solver.")
     group.add_argument("--w_min", type=_non_negative, default=w_min,
@@ -294,12 +316,7 @@ def add_consistency_args(parser) -> None:
                        help="ect only: stages over which the pair gap t - r halves (by --ect_q) (default 8).")
     group.add_argument("--ect_q", type=float_range(1.0, low_inclusive=False), default=None,
                        help="ect only: the factor the gap shrinks by at each stage (default 2).")
-    group.add_argument("--tangent_warmup_steps", type=int_range(0), default=None,
-                       help=f"sct / scd: steps of the tangent warm-up (default {TANGENT_WARMUP_STEPS:,}, at most a "
-                            "tenth of --max_train_steps so a short run finishes it).")
-    group.add_argument("--tangent_normalization_c", type=_positive, default=None,
-                       help=f"sct / scd: c of the tangent normalisation g / (||g|| + c) (default "
-                            f"{TANGENT_NORMALIZATION_C}).")
+    add_tangent_args(group, "sct / scd")
     group.add_argument("--adaptive_weighting", action=argparse.BooleanOptionalAction, default=None,
                        help="sct / scd: learn sCM's adaptive loss weighting w(t) (default on).")
     group.add_argument("--sigma_min", type=_positive, default=SIGMA_MIN,
@@ -430,6 +447,10 @@ def apply_family_defaults(args: argparse.Namespace, family: str, given) -> argpa
 
 
 def validate_lcm_args(args: argparse.Namespace) -> None:
+    if args.method != "scd":
+        for flag in SCD_FLAGS:
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} only applies to --method scd, got --method {args.method}.")
     if args.method != "pcm" and args.num_phases is not None:
         raise ValueError(f"--num_phases only applies to --method pcm, got --method {args.method}.")
     if args.method == "pcm":

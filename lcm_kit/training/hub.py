@@ -83,7 +83,7 @@ def _is_hub_id(name: str) -> bool:
 
 def _usage_snippet(base_model: str, hub_model_id: str, lora: bool, sdxl: bool = False, method: str = "lcm",
                    num_phases: int | None = None, num_ddim_timesteps: int = 50) -> str:
-    if method != "lcm":
+    if method not in ("lcm", "scd"):  # sCD samples as an LCM does
         return _trajectory_snippet(base_model, hub_model_id, lora, sdxl, method, num_phases, num_ddim_timesteps)
     if lora:
         return f'''```python
@@ -173,7 +173,7 @@ def render_model_card(
     """A Hub model card (``README.md``) for an LCM-LoRA (``lora=True``) or a fully distilled LCM UNet (``sdxl``:
     of an SDXL base, tagged ``sdxl``, the snippet uses ``StableDiffusionXLPipeline``). ``method`` "pcm" / "tcd"
     (distilled with that target rule, tagged so) gives a ``TCDScheduler`` snippet on the ``num_ddim_timesteps``
-    grid (PCM: ``num_phases`` steps, eta 0).
+    grid (PCM: ``num_phases`` steps, eta 0); "scd" (sCM distillation) samples, and gets the snippet of, an LCM.
 
     Front matter: ``base_model`` (when it is a Hub id; a local teacher path is named in the text only),
     ``license`` when known, ``library_name: diffusers``, tags lcm / lora / diffusers / text-to-image / lcm-kit
@@ -187,7 +187,8 @@ def render_model_card(
     if not isinstance(hub_model_id, str) or not hub_model_id:
         raise ValueError(f"hub_model_id must be a non-empty string, got {hub_model_id!r}")
     tags = list(_STANDARD_TAGS[:1]) + (["lora"] if lora else []) + list(_STANDARD_TAGS[1:])
-    method_tags = {"lcm": [], "pcm": ["pcm", "phased-consistency-model"], "tcd": ["tcd", "trajectory-consistency"]}
+    method_tags = {"lcm": [], "pcm": ["pcm", "phased-consistency-model"], "tcd": ["tcd", "trajectory-consistency"],
+                   "scd": ["scm", "continuous-time-consistency"]}
     if method not in method_tags:
         raise ValueError(f"method must be one of {tuple(method_tags)}, got {method!r}.")
     tags += [t for t in [*extra_tags, *(["sdxl"] if sdxl else []), *method_tags[method]] if t not in tags]
@@ -200,12 +201,13 @@ def render_model_card(
         tags=tags,
         datasets=[datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None),
     )
-    kind = {"lcm": "LCM", "pcm": "PCM", "tcd": "TCD"}[method] + ("-LoRA" if lora else " (distilled UNet)")
+    kind = {"lcm": "LCM", "pcm": "PCM", "tcd": "TCD", "scd": "sCD"}[method] + ("-LoRA" if lora else " (distilled UNet)")
     if method == "lcm" and not lora:
         kind = "Latent Consistency Model (distilled UNet)"
     distillation = {"lcm": "latent consistency distillation",
                     "pcm": f"phased consistency distillation, {num_phases} phases",
-                    "tcd": "trajectory consistency distillation"}[method]
+                    "tcd": "trajectory consistency distillation",
+                    "scd": "continuous-time consistency distillation (sCM, TrigFlow)"}[method]
     teacher = f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub_id else f"`{base_model}`"
     what = (
         "A LoRA adapter that turns the teacher into a latent consistency model: load it on top of the base "

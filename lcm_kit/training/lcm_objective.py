@@ -32,9 +32,10 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 
-from ..consistency import guidance_scale_embedding
+from ..consistency import guidance_scale_embedding, sample_uniform
 from ..lora import add_lcm_lora, export_kohya, save_lora_weights
 from ..pipelines import LCMPipeline, LCMXLPipeline
+from ..precond import VPTrigFlowConsistencyModel
 from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
 from ..utils import sample_latents, unwrap_model
 from . import hub
@@ -45,6 +46,9 @@ from .discriminator import DiscriminatorHeads, TrainableDiscriminator, unet_bloc
 from .fused_lora import fused_lora_forward, lora_fusion_blockers
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
 from .losses import LCMDistillationConfig, LCMDistillationLoss
+from .losses.lcm import guided_teacher_denoiser
+from .losses.scm import (SCM_P_MEAN, SCM_P_STD, TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS, SCMLoss,
+                          vp_teacher_at_levels)
 from .losses.adversarial import AdversarialConsistencyLoss
 from .teachers import load_teacher_components, teacher_family
 from .text_conditioning import prompt_conditioning
@@ -80,7 +84,7 @@ def config_from_args(args, prediction_type: str, num_train_timesteps: int) -> LC
         loss_type=args.loss_type,
         huber_c=args.huber_c,
         prediction_type=prediction_type,
-        target_rule=args.method,
+        target_rule="lcm" if args.method == "scd" else args.method,  # sCD maps to the origin too: LCM's sampler
         **({} if args.num_phases is None else {"num_phases": args.num_phases}),
     )
 
@@ -134,6 +138,7 @@ class LCMObjective(TrainingObjective):
             num_train_timesteps=components["scheduler"].config.num_train_timesteps,
         )
         self.loss = LCMDistillationLoss(components["scheduler"].alphas_cumprod.to(self.device, torch.float32), config)
+        self.scd_loss = self._build_scd_loss() if self.method == "scd" else None
 
         self.vae = components["vae"].requires_grad_(False).eval()
         # The VAE stays fp32 (SD VAEs overflow in fp16; with --cache_latents it runs once anyway).
@@ -196,6 +201,23 @@ class LCMObjective(TrainingObjective):
     def uncond_embeds(self) -> torch.Tensor:
         """(1, sequence, hidden) prompt embeddings of the teacher's unconditional branch."""
         return self.prompts.uncond(1)["prompt_embeds"]
+
+    def _build_scd_loss(self) -> SCMLoss:
+        """sCM's distillation loss in the teacher's own TrigFlow time (VP: sigma_data = 1), times snapped to the
+        teacher's timesteps; plain mean square (the learned weighting would be a trained module outside the UNet
+        and its adapter). The JVP runs in float32 unless the frozen weights are half precision."""
+        args = self.args
+        warmup = args.tangent_warmup_steps
+        if warmup is None:
+            warmup = min(TANGENT_WARMUP_STEPS, (args.max_train_steps or 1) // 10)
+        return SCMLoss(
+            "scd", sigma_data=1.0, alphas_cumprod=self.loss.alphas_cumprod,
+            p_mean=SCM_P_MEAN if args.scd_p_mean is None else args.scd_p_mean,
+            p_std=SCM_P_STD if args.scd_p_std is None else args.scd_p_std,
+            tangent_warmup_steps=warmup,
+            tangent_normalization_c=args.tangent_normalization_c or TANGENT_NORMALIZATION_C,
+            adaptive_weighting=False, jvp_autocast=self.weight_dtype != torch.float32,
+        )
 
     def _build_discriminator(self):
         """PCM's latent discriminator: light heads over the frozen teacher UNet's block features (the LoRA run's
@@ -352,6 +374,9 @@ class LCMObjective(TrainingObjective):
                 ).sample
             return out.float().chunk(2)
 
+        if self.scd_loss is not None:
+            return self._scd_terms(model, plain, latents, cond, teacher, w_embedding, step, generator)
+
         def target(x, t, w):
             unet = self.target_unet if self.mode == "full" else plain
             with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_target_lora):
@@ -362,6 +387,25 @@ class LCMObjective(TrainingObjective):
             return output.loss.mean(), {}
         generator_loss, logs = self._adversarial_terms(output, plain, cond, generator)
         return output.loss.mean() + self.adversarial.weight * generator_loss, logs
+
+    def _scd_terms(self, model, plain, latents, cond, teacher, w_embedding, step, generator):
+        """sCD of one batch (:class:`~lcm_kit.training.losses.SCMLoss`): the student is the UNet as a TrigFlow
+        consistency model (:class:`~lcm_kit.precond.VPTrigFlowConsistencyModel`), the JVP runs through the unwrapped
+        UNet, and the velocity is the guided teacher's at ``w ~ U[w_min, w_max]`` (drawn first, then the loss's time
+        and noise)."""
+        config, alphas = self.config, self.loss.alphas_cumprod
+        w = sample_uniform(config.w_min, config.w_max, latents.shape[0], generator=generator, device=latents.device)
+        kwargs = dict(self.prompts.unet_kwargs(cond))
+        if self.mode == "full":
+            kwargs["timestep_cond"] = w_embedding(w)
+        guided_teacher = vp_teacher_at_levels(guided_teacher_denoiser(teacher, w, alphas, config.prediction_type),
+                                              alphas)
+        online = VPTrigFlowConsistencyModel(model, alphas, config.prediction_type)
+        tangent = VPTrigFlowConsistencyModel(plain, alphas, config.prediction_type)
+        with self.accelerator.autocast():
+            output = self.scd_loss(online, latents.float(), step, class_labels=kwargs, generator=generator,
+                                   tangent_model=tangent, teacher=guided_teacher)
+        return output.loss.mean(), {"tangent_norm": output.tangent_norm.mean(), **self.scd_loss.logs(step)}
 
     def _adversarial_terms(self, output, plain, cond, generator):
         """PCM's adversarial consistency loss of one batch: the discriminator's hinge step on (target = real,
@@ -413,7 +457,7 @@ class LCMObjective(TrainingObjective):
         ``TCDScheduler``) with ``gamma`` 0 (PCM: deterministic over the phase edges) or 0.3 (TCD's default)."""
         common = dict(original_inference_steps=self.config.num_ddim_timesteps,
                       timestep_scaling=self.config.timestep_scaling_factor)
-        if self.method == "lcm":
+        if self.method in ("lcm", "scd"):
             return ConsistencyScheduler.from_config(self.teacher_scheduler_config, **common)
         gamma = 0.0 if self.method == "pcm" else 0.3
         return TrajectoryConsistencyScheduler.from_config(self.teacher_scheduler_config, gamma=gamma, **common)

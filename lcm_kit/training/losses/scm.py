@@ -25,8 +25,11 @@ from ...consistency import (
     normalize_tangent,
     scm_tangent,
     sigma_from_trigflow_time,
+    trigflow_time_from_alphas_cumprod,
     trigflow_time_from_sigma,
     trigflow_velocity_from_denoised,
+    vp_timestep_from_sigma,
+    vp_timestep_from_trigflow_time,
 )
 from .cm import get_rng_state, set_rng_state
 
@@ -61,6 +64,19 @@ def forward_ad_compatible(module: nn.Module):
             hook.remove()
 
 
+def vp_teacher_at_levels(denoise: Callable, alphas_cumprod: torch.Tensor) -> Callable:
+    """A VP teacher ``denoise(x_t, timestep) -> x0`` (long timesteps, e.g.
+    :func:`~lcm_kit.training.losses.lcm.guided_teacher_denoiser`) as the ``teacher(x_sigma, sigma, _) -> x0`` that
+    :class:`SCMLoss` queries, for sigmas at its own levels (what ``SCMLoss(alphas_cumprod=...)`` draws): the rounded
+    fractional timestep is then exact."""
+
+    def teacher(x_sigma, sigma, _):
+        level = vp_timestep_from_sigma(sigma, alphas_cumprod).round().long()
+        return denoise(x_sigma / append_dims((1 + sigma**2).sqrt(), x_sigma.ndim), level)
+
+    return teacher
+
+
 class SCMLoss:
     """The per-sample sCT / sCD loss of a :class:`~lcm_kit.precond.TrigFlowConsistencyModel`.
 
@@ -68,11 +84,16 @@ class SCMLoss:
         mode: ``"sct"`` (the single-sample velocity ``cos(t) z - sin(t) x0``) or ``"scd"`` (the teacher's).
         teacher: sCD only: a denoiser ``teacher(x_sigma, sigma, class_labels) -> x0``
             (:class:`~lcm_kit.precond.EDMDenoiser`, :class:`~lcm_kit.precond.VPDenoiser`), queried at
-            ``x_sigma = x_t / cos(t)``, ``sigma = sigma_data tan t``.
+            ``x_sigma = x_t / cos(t)``, ``sigma = sigma_data tan t``; or passed per batch to :meth:`__call__` (a
+            guided teacher whose guidance weights are drawn per batch).
         p_mean, p_std: the lognormal of ``sigma_data tan t`` (default -1.0, 1.4).
         tangent_warmup_steps: the warm-up ratio r grows linearly from 0 to 1 over these steps (0: r = 1 at once).
         tangent_normalization_c: c of ``g / (||g|| + c)`` (``None``: no normalisation).
         adaptive_weighting: use the model's learned ``w(t)`` (``loss_weighting``); otherwise the plain mean square.
+        alphas_cumprod: a VP teacher's discrete schedule (``sigma_data = 1``): each drawn time is moved to the
+            nearest of its levels (in log sigma), where the teacher was trained, which also keeps it in its range.
+        jvp_autocast: run the tangent's JVP under the caller's autocast instead of in float32 (needed when the
+            network's frozen weights are half precision, as a LoRA's base under mixed precision).
     """
 
     uses_target_network = False
@@ -88,12 +109,15 @@ class SCMLoss:
         tangent_warmup_steps: int = TANGENT_WARMUP_STEPS,
         tangent_normalization_c: float | None = TANGENT_NORMALIZATION_C,
         adaptive_weighting: bool = True,
+        alphas_cumprod: torch.Tensor | None = None,
+        jvp_autocast: bool = False,
     ):
         if mode not in SCM_MODES:
             raise ValueError(f"mode must be one of {SCM_MODES}, got {mode!r}.")
-        if (mode == "scd") != (teacher is not None):
-            raise ValueError("mode='scd' needs a teacher denoiser (teacher(x, sigma, class_labels) -> x0)"
-                             if mode == "scd" else f"teacher is only used by mode='scd', got mode={mode!r}.")
+        if mode == "sct" and teacher is not None:
+            raise ValueError(f"teacher is only used by mode='scd', got mode={mode!r}.")
+        if alphas_cumprod is not None and sigma_data != 1.0:
+            raise ValueError(f"alphas_cumprod (a VP schedule) needs sigma_data = 1, got {sigma_data}.")
         if not isinstance(tangent_warmup_steps, int) or tangent_warmup_steps < 0:
             raise ValueError(f"tangent_warmup_steps must be an int >= 0, got {tangent_warmup_steps!r}.")
         if tangent_normalization_c is not None and not tangent_normalization_c > 0:
@@ -106,6 +130,8 @@ class SCMLoss:
         self.tangent_warmup_steps = tangent_warmup_steps
         self.tangent_normalization_c = tangent_normalization_c
         self.adaptive_weighting = adaptive_weighting
+        self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.detach().float()
+        self.jvp_autocast = jvp_autocast
 
     def warmup_ratio(self, step: int) -> float:
         """r at optimisation step ``step``: ``min(1, step / tangent_warmup_steps)``."""
@@ -117,15 +143,25 @@ class SCMLoss:
     def sample_time(self, batch_size: int, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """TrigFlow times ``arctan(e^tau / sigma_data)``, ``tau ~ N(p_mean, p_std^2)`` (drawn on ``device``)."""
         tau = self.p_mean + self.p_std * torch.randn(batch_size, generator=generator, device=device, dtype=dtype)
-        return trigflow_time_from_sigma(tau.exp(), self.sigma_data)
+        t = trigflow_time_from_sigma(tau.exp(), self.sigma_data)
+        if self.alphas_cumprod is None:
+            return t
+        if self.alphas_cumprod.device != t.device:  # once: indexing a host table with device timesteps is an error
+            self.alphas_cumprod = self.alphas_cumprod.to(t.device)
+        level = vp_timestep_from_trigflow_time(t.float(), self.alphas_cumprod).round().long()
+        return trigflow_time_from_alphas_cumprod(self.alphas_cumprod[level]).to(dtype)
 
     @torch.no_grad()
-    def velocity(self, clean, noise, sample, t, class_labels=None) -> torch.Tensor:
+    def velocity(self, clean, noise, sample, t, class_labels=None, teacher=None) -> torch.Tensor:
         """``dx_t/dt`` at ``x_t``: sCT ``cos(t) z - sin(t) x0``; sCD the teacher's PF-ODE velocity."""
         tb = append_dims(t, sample.ndim)
         if self.mode == "sct":
             return torch.cos(tb) * noise - torch.sin(tb) * clean
-        denoised = self.teacher(sample / torch.cos(tb), sigma_from_trigflow_time(t, self.sigma_data), class_labels)
+        teacher = self.teacher if teacher is None else teacher
+        if teacher is None:
+            raise ValueError("mode='scd' needs a teacher denoiser (teacher(x, sigma, class_labels) -> x0), at "
+                             "construction or per call.")
+        denoised = teacher(sample / torch.cos(tb), sigma_from_trigflow_time(t, self.sigma_data), class_labels)
         return trigflow_velocity_from_denoised(denoised.to(sample.dtype), sample, t)
 
     def tangent(self, tangent_model, sample, t, velocity, step: int, class_labels=None):
@@ -138,10 +174,12 @@ class SCMLoss:
             return tangent_model.network(x, time, class_labels)
 
         device_type = sample.device.type if sample.device.type in ("cuda", "cpu") else "cpu"
-        with torch.no_grad(), torch.autocast(device_type, enabled=False), forward_ad_compatible(tangent_model):
+        precision = contextlib.nullcontext() if self.jvp_autocast else torch.autocast(device_type, enabled=False)
+        with torch.no_grad(), precision, forward_ad_compatible(tangent_model):
             network_output, time_derivative = torch.func.jvp(
                 network, (sample.float(), t.float()), ((append_dims(scale, sample.ndim) * velocity).float(),
                                                         scale.float()))
+            network_output, time_derivative = network_output.float(), time_derivative.float()
         g = scm_tangent(network_output, time_derivative, sample.float(), velocity.float(), tb.float(),
                         self.sigma_data, self.warmup_ratio(step))
         return network_output, g
@@ -156,11 +194,13 @@ class SCMLoss:
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         tangent_model: nn.Module | None = None,
+        teacher: Callable | None = None,
     ) -> SCMLossOutput:
         """The loss for a batch of clean samples. ``model`` is the (possibly DDP-wrapped) trained
         :class:`~lcm_kit.precond.TrigFlowConsistencyModel`, called as ``model(x_t, t, labels,
         return_network_output=True) -> (F, w)``; ``tangent_model`` the same network unwrapped for the JVP (default
-        ``model``). ``noise``: standard normal (scaled by sigma_data here)."""
+        ``model``). ``noise``: standard normal (scaled by sigma_data here). ``teacher``: sCD's denoiser for this
+        batch (default: the one given at construction)."""
         if target_model is not None:
             raise ValueError(f"mode={self.mode!r} has no target network: its target is the online model under "
                              "stop-gradient; do not pass target_model.")
@@ -172,7 +212,7 @@ class SCMLoss:
         noise = noise * self.sigma_data
         tb = append_dims(t, clean.ndim)
         sample = torch.cos(tb) * clean + torch.sin(tb) * noise
-        velocity = self.velocity(clean, noise, sample, t, class_labels)
+        velocity = self.velocity(clean, noise, sample, t, class_labels, teacher)
 
         # The online and the JVP pass draw the same dropout masks.
         rng_state = get_rng_state(clean.device)
