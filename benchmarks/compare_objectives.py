@@ -1,10 +1,10 @@
-"""LCM, PCM (2 and 4 phases, with and without its adversarial loss) and TCD distilled from the shipped digits teacher,
-side by side, with their noise.
+"""LCM, PCM (2 and 4 phases, with and without its adversarial loss), TCD and sCD distilled from the shipped digits
+teacher, side by side, with their noise.
 
 Each method is an LCM-LoRA run of the quickstart's recipe (``lcm_kit.commands.quickstart.LORA_RECIPE``: the same
 steps, batch, lr, rank, 10-point skip grid, Heun teacher step, fixed w = 2 i.e. CFG 3), differing only in
 ``--method`` / ``--num_phases`` (and ``--adversarial_weight`` for the ``*adv`` entries), so every method gets the
-quickstart LoRA's budget. Three training seeds per method,
+quickstart LoRA's budget (sCD: the steps that fit it at its measured step cost). Three training seeds per method,
 three sampling seeds per model; every figure is the mean ± sd over the nine (training, sampling) pairs.
 
 Per model and step count (1 / 2 / 4 / 8, default timesteps; and the timesteps ``lcm-kit tune-steps`` finds at 2 and 4
@@ -15,8 +15,8 @@ steps on training seed 0 with its own sampling seed, 100):
 * **fidelity to the guided teacher**: FD to the teacher's own 25-step samples (CFG 3), and at 1 step the mean RMS
   latent distance to the teacher's DDIM ODE solution (100 steps, CFG 3) from the same initial latents.
 
-Samplers, as each method's users sample: LCM with ``ConsistencyScheduler`` (= diffusers' ``LCMScheduler``) on the
-teacher's scheduler config, PCM with ``TCDScheduler(eta=0)`` and TCD with ``TCDScheduler(eta=0.3)``, both on the
+Samplers, as each method's users sample: LCM and sCD with ``ConsistencyScheduler`` (= diffusers' ``LCMScheduler``)
+on the teacher's scheduler config, PCM with ``TCDScheduler(eta=0)`` and TCD with ``TCDScheduler(eta=0.3)``, both on the
 distillation grid (``original_inference_steps=10``); the TCD models are also scored at ``eta=0`` (row "TCD (gamma
 0)", default timesteps only). The LoRAs are loaded into stock ``StableDiffusionPipeline``
 with ``load_lora_weights_strict``; guidance is baked in (``guidance_scale=1``).
@@ -57,6 +57,10 @@ METHODS = {
                           "adversarial_learning_rate": 6e-4},
                 "label": "PCM, 2 phases, adversarial (weight 0.1)", "scheduler": "tcd",
                 "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.0}},
+    # sCM's continuous-time distillation, sampled as an LCM (its consistency function maps to the origin); its step
+    # costs 1.55x an LCM step (benchmarks/bench_scd_step.py), so the LCM-LoRA's 2,000 steps buy 1,293
+    "scd": {"flags": {"method": "scd", "max_train_steps": 1293}, "label": "sCD", "scheduler": "consistency",
+            "scheduler_config": {}, "call": {}},
     "tcd": {"flags": {"method": "tcd"}, "label": "TCD (gamma 0.3)", "scheduler": "tcd",
             "scheduler_config": {"original_inference_steps": 10}, "call": {"eta": 0.3}},
     # the same TCD LoRAs sampled deterministically (no training of their own, not tuned)
@@ -73,8 +77,10 @@ def lora_dir(out: Path, method: str, seed: int) -> Path:
     return out / f"{METHODS[method].get('trained_as', method)}-seed{seed}"
 
 
-def train(out: Path, method: str, seed: int, max_train_steps: int | None = None) -> float | None:
-    """Distil one LoRA (skipped when its weights exist); returns the wall time or None when skipped."""
+def train(out: Path, method: str, seed: int, recipe_overrides: dict | None = None) -> float | None:
+    """Distil one LoRA (skipped when its weights exist); returns the wall time or None when skipped.
+    ``recipe_overrides``: flags that replace the method's and the recipe's (``--max_train_steps``,
+    ``--learning_rate`` of this script)."""
     from lcm_kit import digits
     from lcm_kit.commands.quickstart import distillation_argv, run_distillation, write_digits_dataset
 
@@ -84,9 +90,7 @@ def train(out: Path, method: str, seed: int, max_train_steps: int | None = None)
     data = out / f"data-seed{seed}"
     if not (data / "dataset_info.json").exists():
         write_digits_dataset(data, seed=seed)
-    overrides = dict(METHODS[method]["flags"])
-    if max_train_steps is not None:
-        overrides["max_train_steps"] = max_train_steps
+    overrides = {**METHODS[method]["flags"], **(recipe_overrides or {})}
     argv = distillation_argv(digits.teacher_path(), data, target, seed=seed, guidance=GUIDANCE, **overrides)
     return run_distillation(argv, False, "accelerate", 1, "cpu")
 
@@ -314,6 +318,8 @@ def main():
                         help="only merge the compare.json of these folders into OUT's tables (teacher rows once)")
     parser.add_argument("--max_train_steps", type=int, default=None,
                         help="override the recipe's steps (smoke runs only: the figures use the quickstart budget)")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="override the recipe's learning rate (diagnostics: the figures use the recipe's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -326,7 +332,9 @@ def main():
     if not args.skip_training:
         for seed in args.train_seeds:
             for method in args.methods:
-                wall = train(args.out, method, seed, args.max_train_steps)
+                given = {"max_train_steps": args.max_train_steps, "learning_rate": args.learning_rate}
+                overrides = {flag: value for flag, value in given.items() if value is not None}
+                wall = train(args.out, method, seed, overrides)
                 if wall is not None:
                     times[f"{method}-seed{seed}"] = wall
                     times_path.write_text(json.dumps(times, indent=2))
