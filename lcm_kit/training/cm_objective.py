@@ -36,7 +36,7 @@ from .args import validate_consistency_args, validate_data_args, validate_traini
 from .data import build_dataloader_from_args, load_train_dataset_from_args
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
 from .losses import DISCRETE_CM_MODES, SCM_MODES, ConsistencyLoss, ECTLoss, SCMLoss
-from .losses.scm import SCM_P_MEAN, SCM_P_STD, TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS
+from .losses.scm import scm_options_from_flags
 
 
 def consistency_scheduler_config(
@@ -304,17 +304,10 @@ def build_consistency_loss(args, teacher=None):
     """The loss of ``--mode`` from parsed flags (mode-specific flags left ``None`` take the paper's defaults)."""
     total_steps = args.max_train_steps or 1
     if args.mode in SCM_MODES:
-        warmup = args.tangent_warmup_steps
-        if warmup is None:
-            warmup = min(TANGENT_WARMUP_STEPS, total_steps // 10)
-        return SCMLoss(
-            args.mode, teacher=teacher, sigma_data=args.sigma_data,
-            p_mean=SCM_P_MEAN if args.p_mean is None else args.p_mean,
-            p_std=SCM_P_STD if args.p_std is None else args.p_std,
-            tangent_warmup_steps=warmup,
-            tangent_normalization_c=args.tangent_normalization_c or TANGENT_NORMALIZATION_C,
-            adaptive_weighting=args.adaptive_weighting is not False,
-        )
+        options = scm_options_from_flags(args.tangent_warmup_steps, args.tangent_normalization_c, args.p_mean,
+                                         args.p_std, total_steps)
+        return SCMLoss(args.mode, teacher=teacher, sigma_data=args.sigma_data,
+                       adaptive_weighting=args.adaptive_weighting is not False, **options)
     lognormal = {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
     if args.mode == "ect":
         stages = {k: v for k, v in (("num_stages", args.ect_stages), ("q", args.ect_q)) if v is not None}

@@ -47,8 +47,7 @@ from .fused_lora import fused_lora_forward, lora_fusion_blockers
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
 from .losses import LCMDistillationConfig, LCMDistillationLoss
 from .losses.lcm import guided_teacher_denoiser
-from .losses.scm import (SCM_P_MEAN, SCM_P_STD, TANGENT_NORMALIZATION_C, TANGENT_WARMUP_STEPS, SCMLoss,
-                          vp_teacher_at_levels)
+from .losses.scm import SCMLoss, scm_options_from_flags, vp_teacher_at_levels
 from .losses.adversarial import AdversarialConsistencyLoss
 from .teachers import load_teacher_components, teacher_family
 from .text_conditioning import prompt_conditioning
@@ -207,17 +206,10 @@ class LCMObjective(TrainingObjective):
         teacher's timesteps; plain mean square (the learned weighting would be a trained module outside the UNet
         and its adapter). The JVP runs in float32 unless the frozen weights are half precision."""
         args = self.args
-        warmup = args.tangent_warmup_steps
-        if warmup is None:
-            warmup = min(TANGENT_WARMUP_STEPS, (args.max_train_steps or 1) // 10)
-        return SCMLoss(
-            "scd", sigma_data=1.0, alphas_cumprod=self.loss.alphas_cumprod,
-            p_mean=SCM_P_MEAN if args.scd_p_mean is None else args.scd_p_mean,
-            p_std=SCM_P_STD if args.scd_p_std is None else args.scd_p_std,
-            tangent_warmup_steps=warmup,
-            tangent_normalization_c=args.tangent_normalization_c or TANGENT_NORMALIZATION_C,
-            adaptive_weighting=False, jvp_autocast=self.weight_dtype != torch.float32,
-        )
+        options = scm_options_from_flags(args.tangent_warmup_steps, args.tangent_normalization_c, args.scd_p_mean,
+                                         args.scd_p_std, args.max_train_steps)
+        return SCMLoss("scd", sigma_data=1.0, alphas_cumprod=self.loss.alphas_cumprod, adaptive_weighting=False,
+                       jvp_autocast=self.weight_dtype != torch.float32, **options)
 
     def _build_discriminator(self):
         """PCM's latent discriminator: light heads over the frozen teacher UNet's block features (the LoRA run's

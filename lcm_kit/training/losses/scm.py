@@ -64,6 +64,16 @@ def forward_ad_compatible(module: nn.Module):
             hook.remove()
 
 
+def scm_options_from_flags(warmup_steps, normalization_c, p_mean, p_std, max_train_steps) -> dict:
+    """:class:`SCMLoss` keyword arguments from a trainer's flags, ``None`` taking sCM's defaults: the paper's
+    10,000 warm-up steps at most a tenth of the run (so a short run finishes it), c 0.1, lognormal (-1.0, 1.4)."""
+    if warmup_steps is None:
+        warmup_steps = min(TANGENT_WARMUP_STEPS, (max_train_steps or 1) // 10)
+    return dict(tangent_warmup_steps=warmup_steps,
+                tangent_normalization_c=TANGENT_NORMALIZATION_C if normalization_c is None else normalization_c,
+                p_mean=SCM_P_MEAN if p_mean is None else p_mean, p_std=SCM_P_STD if p_std is None else p_std)
+
+
 def vp_teacher_at_levels(denoise: Callable, alphas_cumprod: torch.Tensor) -> Callable:
     """A VP teacher ``denoise(x_t, timestep) -> x0`` (long timesteps, e.g.
     :func:`~lcm_kit.training.losses.lcm.guided_teacher_denoiser`) as the ``teacher(x_sigma, sigma, _) -> x0`` that
