@@ -11,6 +11,10 @@ checkout (it needs torchvision, and webdataset 0.2.86 for local shards, in the s
     python benchmarks/bench_train_script.py --reference_script ... --max_train_steps 20   # a quick try
     python benchmarks/bench_train_script.py --reference_script ... --lcm_kit_args "--cache_latents"
 
+diffusers' script runs its teacher and target forwards under ``torch.autocast(device_type)`` whatever
+``--mixed_precision`` says, which on a CPU means bf16: on a CPU without native bf16 (no AVX-512 bf16 or AMX; the
+summary line says which) those forwards run emulated kernels and dominate its time.
+
 Validation and checkpoints are off in both (steps beyond the run), so the figures are the distillation itself
 (lcm-kit still renders its final validation grid after saving, a few seconds). Run it twice and keep the second:
 the first run of a fresh environment also pays for reading every library from disk.
@@ -156,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
         first = f"{result['first_step_s']:.1f}" if result["first_step_s"] is not None else "n/a"
         print(f"| {result['name']} | {result['wall_s']:.1f} | {first} | {rest:.1f} |")
     ratio = ours["wall_s"] / reference["wall_s"]
+    from lcm_kit.utils import cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16()
     print(f"\nwall ratio lcm-kit / diffusers script: {ratio:.3f}x  (machine: {cpu_name()},"
-          f" {os.cpu_count()} CPUs; load average after {os.getloadavg()})")
+          f" {os.cpu_count()} CPUs, native bf16: {native_bf16}; load average after {os.getloadavg()})")
     if args.json:
-        args.json.write_text(json.dumps(dict(runs=results, ratio=ratio, flags=vars(args) | {
+        args.json.write_text(json.dumps(dict(
+            runs=results, ratio=ratio, machine=cpu_name(), native_bf16=native_bf16, flags=vars(args) | {
             "reference_script": str(args.reference_script), "work_dir": str(work), "json": str(args.json)}),
             indent=2, default=str))
 

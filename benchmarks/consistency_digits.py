@@ -19,7 +19,8 @@ process; run with ``OMP_NUM_THREADS=1`` so CPU seconds are single-thread seconds
     # ECT: first an EDM diffusion model of the same UNet (--pretrain_steps, its CPU seconds reported apart), then
     # Easy Consistency Tuning from its weights:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ect --pretrain_steps 2000 \
-        --max_train_steps 700 --out /tmp/cm_ect
+        --pretrain_learning_rate 1e-3 --learning_rate 1e-4 --ect_stages 4 --max_train_steps 250 --ema_decay 0.99 \
+        --out /tmp/cm_ect
     # re-score a trained model (e.g. other 2-step intermediate sigmas) without training again:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ict --out /tmp/cm_ict \
         --evaluate_only --mid_sigmas 0.821,2.0
@@ -60,7 +61,7 @@ def training_argv(args, data_dir: str, model_dir: str) -> list[str]:
     ]
     if args.latent:
         argv += ["--pretrained_vae_model_name_or_path", str(digits.teacher_path() / "vae")]
-    for flag in ("s0", "s1", "dropout", "loss_type"):
+    for flag in ("s0", "s1", "dropout", "loss_type", "ect_stages", "ect_q"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
     if args.mode == "ect":  # the UNet comes from the pretrained diffusion model (its shape flags with it)
@@ -78,7 +79,8 @@ def pretrain_diffusion(args) -> dict:
     """The EDM diffusion model ECT starts from: the same class-conditional UNet2DModel, trained with EDM's loss
     (:class:`~lcm_kit.training.losses.EDMDenoisingLoss`) on the digits' VAE latents (a posterior sample per
     step), time input 250 log sigma (the consistency models' convention, so its weights are a consistency model's
-    starting point), Adam at --learning_rate, gradient clip 1. Returns its CPU seconds and steps."""
+    starting point), Adam at --pretrain_learning_rate (default --learning_rate), gradient clip 1. Returns its CPU
+    seconds and steps."""
     from diffusers import AutoencoderKL, UNet2DModel
 
     from lcm_kit import digits
@@ -97,7 +99,7 @@ def pretrain_diffusion(args) -> dict:
                        layers_per_block=args.layers_per_block, norm_num_groups=min(32, blocks[0]), num_class_embeds=10)
     denoiser = EDMDenoiser(unet, sigma_data=args.sigma_data)
     loss_fn = EDMDenoisingLoss(sigma_data=args.sigma_data)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.pretrain_learning_rate or args.learning_rate)
     generator = torch.Generator().manual_seed(args.seed)
     cpu_start = time.process_time()
     for _ in range(args.pretrain_steps):
@@ -146,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--mode", default="ict", choices=("ct", "ict", "sct", "ect"))
     parser.add_argument("--pretrain_steps", type=int, default=2000,
                         help="ect: steps of the EDM diffusion model it starts from (skipped if --out has one).")
+    parser.add_argument("--pretrain_learning_rate", type=float, default=None,
+                        help="ect: Adam learning rate of the diffusion pretraining (default: --learning_rate).")
     parser.add_argument("--latent", action=argparse.BooleanOptionalAction, default=True,
                         help="Train in the digits teacher's VAE latent space (4x8x8); --no-latent: 32x32 pixels.")
     parser.add_argument("--max_train_steps", type=int, default=3000)
@@ -157,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--loss_type", default=None)
     parser.add_argument("--s0", type=int, default=None, help="Curriculum start (default: the mode's, 2 / 10).")
     parser.add_argument("--s1", type=int, default=None, help="Curriculum end (default: the mode's, 150 / 1280).")
+    parser.add_argument("--ect_stages", type=int, default=None, help="ect: stages of the gap schedule (default 8).")
+    parser.add_argument("--ect_q", type=float, default=None, help="ect: the gap shrinks by q each stage (default 2).")
     parser.add_argument("--sigma_data", type=float, default=0.5)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--mid_sigmas", default="0.821,2.0",

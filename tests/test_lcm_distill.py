@@ -393,3 +393,19 @@ def test_full_student_and_target_get_the_guidance_embedding_of_the_drawn_w(lcm_o
         assert seen[name] is not None, f"the {name} pass got no guidance embedding"
         torch.testing.assert_close(seen[name], expected)
     assert seen["teacher_unet"] is None
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_says_it_is_emulated(native, tmp_path, caplog, monkeypatch,
+                                                                reset_accelerate):
+    from lcm_kit.training import loop
+    from lcm_kit.training.args import build_lcm_lora_parser
+
+    args = build_lcm_lora_parser().parse_args(["--pretrained_teacher_model", "tiny", "--dataset_name", "unused",
+                                               "--output_dir", str(tmp_path), "--report_to", "none",
+                                               "--mixed_precision", "bf16"])
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="lcm_kit.training.loop"):
+        loop.create_accelerator(args, cpu=True)
+    assert ("emulated bf16 kernels" in caplog.text) is not native
+

@@ -30,7 +30,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..utils import captioned_grid, ema_update_, unwrap_model
+from ..utils import captioned_grid, cpu_has_native_bf16, ema_update_, unwrap_model
 from .checkpoints import (
     NonFiniteLossError,
     list_checkpoints,
@@ -123,6 +123,9 @@ def create_accelerator(args, *, cpu: bool | None = None):
             "bf16 (or no) there; fp16 gradient scaling only exists for accelerators."
         )
     configure_logging(accelerator)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("--mixed_precision bf16 on this CPU runs emulated bf16 kernels (it has no AVX-512 bf16 or AMX): "
+                       "expect each step to be several times slower than with --mixed_precision no.")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
