@@ -99,7 +99,8 @@ def pretrain_diffusion(args) -> dict:
                        layers_per_block=args.layers_per_block, norm_num_groups=min(32, blocks[0]), num_class_embeds=10)
     denoiser = EDMDenoiser(unet, sigma_data=args.sigma_data)
     loss_fn = EDMDenoisingLoss(sigma_data=args.sigma_data)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=args.pretrain_learning_rate or args.learning_rate)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate if args.pretrain_learning_rate is None
+                                 else args.pretrain_learning_rate)
     generator = torch.Generator().manual_seed(args.seed)
     cpu_start = time.process_time()
     for _ in range(args.pretrain_steps):
