@@ -11,7 +11,9 @@ Variants, all with the same weights (an LCM-LoRA, randomised, on the same base) 
 * ``lcm fast``: ``LCMPipeline`` with ``pipe.enable_fast_inference()`` at its defaults for the device (on CUDA: fp16,
   channels_last, CUDA-graph compile; on CPU: fused LoRA, cached prompt / schedule, no compile);
 * ``lcm fast+compile`` (CPU only; on CUDA the default already compiles): ``enable_fast_inference(compile=True)``;
-* ``lcm fast new-prompt``: the ``lcm fast`` pipeline with a different prompt every call (no prompt-cache hit).
+* ``lcm fast new-prompt``: the ``lcm fast`` pipeline with a different prompt every call (no prompt-cache hit);
+* ``lcm eager diffusers-device`` (``--diffusers_device``): ``lcm eager`` with diffusers' own ``pipe.device`` and
+  ``pipe._execution_device``, which walk every submodule (:mod:`lcm_kit.pipelines.execution_device`).
 
 Each variant runs with ``output_type="pil"`` and ``"latent"``. The first call of a compiled variant compiles; it is
 reported apart ("first call"). Configs:
@@ -19,6 +21,8 @@ reported apart ("first call"). Configs:
     python benchmarks/bench_inference.py                  # CPU: shipped digits teacher (32², batch 20 and 1), tiny kit
     python benchmarks/bench_inference.py --config gpu     # SD1.5-shaped random weights, 512², fp16, batch 1 and 8
     python benchmarks/bench_inference.py --smoke          # tiny kit, batch 1, 3 repeats, backend "eager" (< 1 min)
+    python benchmarks/bench_inference.py --config cpu --models digits --batch_sizes 20 --no_compile --repeats 30 \
+        --diffusers_device                                # the eager comparison alone, per-repeat quartiles
 
 On CPU the benchmark runs one torch thread unless ``--threads`` says otherwise: on 2 shared cores two threads were
 many times slower than one whenever anything else ran.
@@ -104,7 +108,7 @@ def compile_options(device: str, backend: str) -> dict:
 
 
 def build_variants(model: str, cfg: dict, backend: str, with_compile: bool, fast_kwargs: dict,
-                   tiny_vae: bool) -> dict:
+                   tiny_vae: bool, diffusers_device: bool = False) -> dict:
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     device, dtype, rank = cfg["device"], cfg["dtype"], cfg["lora_rank"]
@@ -128,6 +132,16 @@ def build_variants(model: str, cfg: dict, backend: str, with_compile: bool, fast
     eager = LCMPipeline(**build_components(model, rank, device, dtype), requires_safety_checker=False)
     eager.fuse_lora(components=["unet"])
     variants["lcm eager"] = eager
+    if diffusers_device:
+        from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+        class WithDiffusersDevice(LCMPipeline):
+            device = DiffusionPipeline.device
+            _execution_device = DiffusionPipeline._execution_device
+
+        walking = WithDiffusersDevice(**build_components(model, rank, device, dtype), requires_safety_checker=False)
+        walking.fuse_lora(components=["unet"])
+        variants["lcm eager diffusers-device"] = walking
     fast = LCMPipeline(**build_components(model, rank, device, dtype), requires_safety_checker=False)
     backend_kwargs = {} if backend == "inductor" else {"backend": backend}
     fast.enable_fast_inference(**{**backend_kwargs, **({} if with_compile else {"compile": False}), **fast_kwargs})
@@ -168,7 +182,8 @@ def _sync(device: str) -> None:
 
 def run_case(model: str, batch: int, resolution: int, cfg: dict, args) -> dict:
     device = cfg["device"]
-    variants = build_variants(model, cfg, args.compile_backend, not args.no_compile, args.fast_kwargs, args.tiny_vae)
+    variants = build_variants(model, cfg, args.compile_backend, not args.no_compile, args.fast_kwargs, args.tiny_vae,
+                              args.diffusers_device)
     jobs = [(name, output) for name in variants for output in OUTPUTS]
     salt = [0]
 
@@ -205,7 +220,7 @@ def run_case(model: str, batch: int, resolution: int, cfg: dict, args) -> dict:
         median = statistics.median(samples)
         rows[f"{name}|{output}"] = dict(variant=name, output=output, ms_median=median * 1e3,
                                         ms_min=min(samples) * 1e3, images_per_s=batch / median,
-                                        first_call_s=first[(name, output)])
+                                        first_call_s=first[(name, output)], ms_samples=[x * 1e3 for x in samples])
     variants.clear()  # free the models before the next case
     torch._dynamo.reset()
     return dict(model=model, batch=batch, resolution=resolution, rows=rows, max_abs_diff_vs_eager=agreement,
@@ -232,19 +247,35 @@ def sync_check(pipe, model: str, batch: int, resolution: int) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
+RATIO_PAIRS = [("fast/stock", "lcm fast", "stock"), ("fast/naive-compile", "lcm fast", "stock+compile"),
+               ("eager/stock", "lcm eager", "stock"), ("fast+compile/stock", "lcm fast+compile", "stock"),
+               ("fast+compile/naive-compile", "lcm fast+compile", "stock+compile"),
+               ("eager-diffusers-device/stock", "lcm eager diffusers-device", "stock")]
+
+
 def ratios(case: dict) -> dict:
+    """Each pair's ratio of medians."""
     rows, out = case["rows"], {}
     for output in OUTPUTS:
-        def ms(name):
-            row = rows.get(f"{name}|{output}")
-            return row["ms_median"] if row else None
+        for label, a, b in RATIO_PAIRS:
+            row_a, row_b = rows.get(f"{a}|{output}"), rows.get(f"{b}|{output}")
+            if row_a and row_b:
+                out[f"{label}|{output}"] = row_a["ms_median"] / row_b["ms_median"]
+    return out
 
-        pairs = [("fast/stock", "lcm fast", "stock"), ("fast/naive-compile", "lcm fast", "stock+compile"),
-                 ("eager/stock", "lcm eager", "stock"), ("fast+compile/stock", "lcm fast+compile", "stock"),
-                 ("fast+compile/naive-compile", "lcm fast+compile", "stock+compile")]
-        for label, a, b in pairs:
-            if ms(a) is not None and ms(b) is not None:
-                out[f"{label}|{output}"] = ms(a) / ms(b)
+
+def paired_ratios(case: dict) -> dict:
+    """Each pair's ratio within a repeat (the variants of one repeat run back to back, so they share the machine's
+    state): median and quartiles over the repeats, steadier than a ratio of medians when the load drifts."""
+    rows, out = case["rows"], {}
+    for output in OUTPUTS:
+        for label, a, b in RATIO_PAIRS:
+            row_a, row_b = rows.get(f"{a}|{output}"), rows.get(f"{b}|{output}")
+            if row_a and row_b:
+                per_repeat = [x / y for x, y in zip(row_a["ms_samples"], row_b["ms_samples"])]
+                quartiles = statistics.quantiles(per_repeat, n=4) if len(per_repeat) > 1 else per_repeat * 3
+                out[f"{label}|{output}"] = dict(median=statistics.median(per_repeat), q25=quartiles[0],
+                                                q75=quartiles[2])
     return out
 
 
@@ -265,6 +296,9 @@ def main(argv=None):
                              '(dtype as a string: "float16")')
     parser.add_argument("--tiny_vae", action="store_true",
                         help="also time the fast path decoding with a TAESD-shaped AutoencoderTiny (sd15 cases only)")
+    parser.add_argument("--diffusers_device", action="store_true",
+                        help="also time LCMPipeline eager with diffusers' own pipe.device / pipe._execution_device "
+                             "(what lcm-kit's one-walk version saves)")
     parser.add_argument("--check_syncs", action=argparse.BooleanOptionalAction, default=None,
                         help="CUDA: run one warm call of stock and lcm fast under sync debug mode 'error' (default on)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -324,9 +358,11 @@ def main(argv=None):
             print(f"{label:<14} {row['variant']:<22} {row['output']:<7} {row['ms_median']:>10.2f} "
                   f"{row['ms_min']:>9.2f} {row['images_per_s']:>9.1f} {row['ms_median'] / stock:>8.3f}x "
                   f"{row['first_call_s']:>13.2f}")
-        case["ratios"] = ratios(case)
+        case["ratios"], case["paired_ratios"] = ratios(case), paired_ratios(case)
         for key, value in case["ratios"].items():
-            print(f"ratio {label:<14} {key:<34} {value:.3f}x")
+            paired = case["paired_ratios"][key]
+            print(f"ratio {label:<14} {key:<34} {value:.3f}x  (per repeat: median {paired['median']:.3f}x, "
+                  f"quartiles {paired['q25']:.3f}-{paired['q75']:.3f})")
         for key, value in case["max_abs_diff_vs_eager"].items():
             print(f"agreement {label:<10} {key:<22} max |latent - lcm eager| {value:.3g}")
         for key, value in case["host_device_syncs"].items():

@@ -80,7 +80,7 @@ def lora_dir(out: Path, method: str, seed: int) -> Path:
 def train(out: Path, method: str, seed: int, recipe_overrides: dict | None = None) -> float | None:
     """Distil one LoRA (skipped when its weights exist); returns the wall time or None when skipped.
     ``recipe_overrides``: flags that replace the method's and the recipe's (``--max_train_steps``,
-    ``--learning_rate`` of this script)."""
+    ``--learning_rate``, ``--scd_p_mean``, ``--scd_p_std`` of this script)."""
     from lcm_kit import digits
     from lcm_kit.commands.quickstart import distillation_argv, run_distillation, write_digits_dataset
 
@@ -320,6 +320,10 @@ def main():
                         help="override the recipe's steps (smoke runs only: the figures use the quickstart budget)")
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="override the recipe's learning rate (diagnostics: the figures use the recipe's)")
+    parser.add_argument("--scd_p_mean", type=float, default=None,
+                        help="sCD: override the lognormal mean of its training noise levels (diagnostics)")
+    parser.add_argument("--scd_p_std", type=float, default=None,
+                        help="sCD: override the lognormal sd of its training noise levels (diagnostics)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -333,6 +337,8 @@ def main():
         for seed in args.train_seeds:
             for method in args.methods:
                 given = {"max_train_steps": args.max_train_steps, "learning_rate": args.learning_rate}
+                if method == "scd":
+                    given.update(scd_p_mean=args.scd_p_mean, scd_p_std=args.scd_p_std)
                 overrides = {flag: value for flag, value in given.items() if value is not None}
                 wall = train(args.out, method, seed, overrides)
                 if wall is not None:

@@ -19,7 +19,7 @@ process; run with ``OMP_NUM_THREADS=1`` so CPU seconds are single-thread seconds
     # ECT: first an EDM diffusion model of the same UNet (--pretrain_steps, its CPU seconds reported apart), then
     # Easy Consistency Tuning from its weights:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ect --pretrain_steps 2000 \
-        --pretrain_learning_rate 1e-3 --learning_rate 1e-4 --ect_stages 4 --max_train_steps 250 --ema_decay 0.99 \
+        --pretrain_learning_rate 1e-3 --learning_rate 1e-4 --ect_stages 4 --max_train_steps 500 --ema_decay 0.99 \
         --out /tmp/cm_ect
     # re-score a trained model (e.g. other 2-step intermediate sigmas) without training again:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/consistency_digits.py --mode ict --out /tmp/cm_ict \

@@ -413,7 +413,8 @@ def test_qkv_projections_stay_apart_over_an_unfused_lora(lora_components):
 
 def test_a_warm_call_never_walks_the_modules(lora_components):
     """diffusers' ``ModelMixin.device`` / ``.dtype`` and ``pipe._execution_device`` scan every submodule for
-    offloading hooks (milliseconds on an SD1.5 UNet): the fast path reads none of them once warm."""
+    offloading hooks (milliseconds on an SD1.5 UNet), lcm-kit's cheaper ``pipe._execution_device`` once per
+    submodule: the fast path reads none of them once warm."""
     from unittest import mock
 
     from diffusers import DiffusionPipeline, ModelMixin
@@ -425,9 +426,13 @@ def test_a_warm_call_never_walks_the_modules(lora_components):
     def walked(self):
         raise AssertionError("a per-call module walk")
 
+    from lcm_kit.pipelines.execution_device import ExecutionDeviceMixin
+
     with mock.patch.object(ModelMixin, "device", property(walked)), \
             mock.patch.object(ModelMixin, "dtype", property(walked)), \
-            mock.patch.object(DiffusionPipeline, "_execution_device", property(walked)):
+            mock.patch.object(DiffusionPipeline, "_execution_device", property(walked)), \
+            mock.patch.object(ExecutionDeviceMixin, "_execution_device", property(walked)), \
+            mock.patch.object(ExecutionDeviceMixin, "device", property(walked)):
         assert close(run(fast, output_type="pt"), expected)
         with pytest.raises(AssertionError, match="module walk"):
             run(eager, output_type="pt")  # the eager path does walk: the patch is live

@@ -23,9 +23,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..sampling import consistency_sample
 from ..schedulers.scheduling_cm import CMMultistepScheduler
+from .execution_device import ExecutionDeviceMixin
 
 
-class CMPipeline(ConsistencyModelPipeline):
+class CMPipeline(ExecutionDeviceMixin, ConsistencyModelPipeline):
     """
     One- and few-step sampling of a consistency model (`UNet2DModel` + `CMStochasticIterativeScheduler` folder).
 

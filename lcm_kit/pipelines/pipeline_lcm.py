@@ -34,6 +34,7 @@ from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscal
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..schedulers import ConsistencyScheduler, TrajectoryConsistencyScheduler
+from .execution_device import ExecutionDeviceMixin
 from .fast_inference import FastInferenceMixin, with_fast_inference
 from .lcm_denoise import IMG2IMG_DEFAULT_STRENGTH, ConsistencyDenoisingLoop, cond_half
 from .lcm_inputs import LCMPipelineInputChecks
@@ -65,6 +66,7 @@ class LCMPipeline(
     ConsistencyDenoisingLoop,
     LCMPipelineInputChecks,
     LCMPipelineLoading,
+    ExecutionDeviceMixin,
     LatentConsistencyModelPipeline,
 ):
     r"""Few-step generation with a latent consistency model on Stable Diffusion 1.x / 2.x components.

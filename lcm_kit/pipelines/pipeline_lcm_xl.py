@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from ..schedulers import ConsistencyScheduler
+from .execution_device import ExecutionDeviceMixin
 from .lcm_denoise import IMG2IMG_DEFAULT_STRENGTH, ConsistencyDenoisingLoop, cond_half
 from .lcm_inputs import LCMPipelineInputChecks, is_int
 from .lcm_loading import LCMPipelineLoading
@@ -47,7 +48,13 @@ def _check_size(name: str, value, positive: bool) -> None:
         raise ValueError(f"`{name}` must be a (height, width) pair of {what} ints, got {value!r}.")
 
 
-class LCMXLPipeline(ConsistencyDenoisingLoop, LCMPipelineInputChecks, LCMPipelineLoading, StableDiffusionXLPipeline):
+class LCMXLPipeline(
+    ConsistencyDenoisingLoop,
+    LCMPipelineInputChecks,
+    LCMPipelineLoading,
+    ExecutionDeviceMixin,
+    StableDiffusionXLPipeline,
+):
     r"""Few-step generation with a latent consistency model on Stable Diffusion XL components.
 
     Components are those of diffusers' ``StableDiffusionXLPipeline`` (``vae``, ``text_encoder``, ``text_encoder_2``,
