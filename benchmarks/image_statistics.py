@@ -34,6 +34,9 @@ def main(argv=None):
     parser.add_argument("adapters", nargs="+", help="folders with pytorch_lora_weights.safetensors")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--per_digit", type=int, default=10)
+    parser.add_argument("--teacher_as_lcm", action="store_true",
+                        help="also the teacher without an adapter, sampled as the adapters are but with CFG 3 (its "
+                             "own x0 prediction at each step): what the adapters start from")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -58,6 +61,10 @@ def main(argv=None):
                     generator=torch.Generator().manual_seed(0)).images
 
     rows = [("teacher, DPM-Solver CFG 3", 25, image_statistics(sample(pipeline(DPMSolverMultistepScheduler), 25, 3.0)))]
+    if args.teacher_as_lcm:
+        pipe = pipeline(LCMScheduler)
+        rows += [("teacher, LCMScheduler CFG 3", steps, image_statistics(sample(pipe, steps, 3.0)))
+                 for steps in args.steps]
     for folder in args.adapters:
         pipe = pipeline(LCMScheduler)
         load_lora_weights_strict(pipe, folder)

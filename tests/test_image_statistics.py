@@ -36,11 +36,12 @@ def test_the_script_prints_the_teacher_and_each_adapter(tmp_path, capsys):
     unet = UNet2DConditionModel.from_pretrained(str(digits.teacher_path()), subfolder="unet")
     add_lcm_lora(unet, rank=4, alpha=4)
     save_lora_weights(unet, tmp_path / "adapter")
-    image_statistics.main([str(tmp_path / "adapter"), "--steps", "1", "2", "--per_digit", "1"])
+    image_statistics.main([str(tmp_path / "adapter"), "--steps", "1", "2", "--per_digit", "1", "--teacher_as_lcm"])
     lines = capsys.readouterr().out.splitlines()
     number = r"([0-9.]+)"
     rows = [re.match(rf"^\| (.+) \| (\d+) \| {number} \| {number} \| {number} \|$", line) for line in lines[2:]]
-    assert all(rows) and len(rows) == 3, lines
+    assert all(rows) and len(rows) == 5, lines
     assert [(m.group(1), m.group(2)) for m in rows] == [
-        ("teacher, DPM-Solver CFG 3", "25"), (str(tmp_path / "adapter"), "1"), (str(tmp_path / "adapter"), "2")]
+        ("teacher, DPM-Solver CFG 3", "25"), ("teacher, LCMScheduler CFG 3", "1"), ("teacher, LCMScheduler CFG 3", "2"),
+        (str(tmp_path / "adapter"), "1"), (str(tmp_path / "adapter"), "2")]
     assert all(math.isfinite(float(m.group(i))) for m in rows for i in (3, 4, 5))
