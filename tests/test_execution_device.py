@@ -102,8 +102,7 @@ def test_device_and_execution_device_are_diffusers_answers(kind, setup):
 def test_the_setups_give_different_answers():
     """Each setup is a case of its own: the hooks and the split move the answer away from the CPU, so a walk that
     missed them would fail the comparison above."""
-    answers = {setup.__name__: build("sd1") for setup in SETUPS}
-    answers = {name: diffusers_answers(globals()[name](pipe)) for name, pipe in answers.items()}
+    answers = {setup.__name__: diffusers_answers(setup(build("sd1"))) for setup in SETUPS}
     assert answers["on_cpu"] == (torch.device("cpu"), torch.device("cpu"))
     assert answers["unet_group_offloaded_to_meta"][1] == META
     assert answers["accelerate_hooks_inside"][1] == META
