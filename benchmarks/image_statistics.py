@@ -38,6 +38,11 @@ def main(argv=None):
                         help="also the teacher without an adapter, sampled as the adapters are but with CFG 3 (its "
                              "own x0 prediction at each step): what the adapters start from")
     args = parser.parse_args(argv)
+    if min(args.steps) < 1 or args.per_digit < 1:
+        parser.error(f"--steps must be >= 1 and --per_digit >= 1, got {args.steps} and {args.per_digit}.")
+    missing = [folder for folder in args.adapters if not os.path.isdir(folder)]
+    if missing:
+        parser.error(f"adapter folders not found: {missing}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 

@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -45,3 +46,14 @@ def test_the_script_prints_the_teacher_and_each_adapter(tmp_path, capsys):
         ("teacher, DPM-Solver CFG 3", "25"), ("teacher, LCMScheduler CFG 3", "1"), ("teacher, LCMScheduler CFG 3", "2"),
         (str(tmp_path / "adapter"), "1"), (str(tmp_path / "adapter"), "2")]
     assert all(math.isfinite(float(m.group(i))) for m in rows for i in (3, 4, 5))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/absent"], "adapter folders not found"),
+    (["{tmp}", "--steps", "0"], "--steps must be >= 1"),
+    (["{tmp}", "--per_digit", "0"], "--per_digit >= 1"),
+])
+def test_bad_arguments_are_named(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        image_statistics.main([a.format(tmp=tmp_path) for a in argv])
+    assert message in capsys.readouterr().err
