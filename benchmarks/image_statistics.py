@@ -54,26 +54,27 @@ def main(argv=None):
 
     prompts = [eval_prompt(d) for d in range(10) for _ in range(args.per_digit)]
 
-    def pipeline(scheduler_class):
-        pipe = StableDiffusionPipeline.from_pretrained(str(digits.teacher_path()), safety_checker=None,
-                                                       requires_safety_checker=False)
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    # one load of the teacher; each variant is a pipeline over the same modules with its own scheduler
+    teacher = StableDiffusionPipeline.from_pretrained(str(digits.teacher_path()), safety_checker=None,
+                                                      requires_safety_checker=False)
+    teacher.scheduler = DPMSolverMultistepScheduler.from_config(teacher.scheduler.config)
+    lcm = StableDiffusionPipeline(**{**teacher.components, "scheduler": LCMScheduler.from_config(
+        teacher.scheduler.config)})
+    for pipe in (teacher, lcm):
         pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def sample(pipe, steps, guidance):
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                     generator=torch.Generator().manual_seed(0)).images
 
-    rows = [("teacher, DPM-Solver CFG 3", 25, image_statistics(sample(pipeline(DPMSolverMultistepScheduler), 25, 3.0)))]
+    rows = [("teacher, DPM-Solver CFG 3", 25, image_statistics(sample(teacher, 25, 3.0)))]
     if args.teacher_as_lcm:
-        pipe = pipeline(LCMScheduler)
-        rows += [("teacher, LCMScheduler CFG 3", steps, image_statistics(sample(pipe, steps, 3.0)))
+        rows += [("teacher, LCMScheduler CFG 3", steps, image_statistics(sample(lcm, steps, 3.0)))
                  for steps in args.steps]
     for folder in args.adapters:
-        pipe = pipeline(LCMScheduler)
-        load_lora_weights_strict(pipe, folder)
-        rows += [(folder, steps, image_statistics(sample(pipe, steps, 1.0))) for steps in args.steps]
+        load_lora_weights_strict(lcm, folder)
+        rows += [(folder, steps, image_statistics(sample(lcm, steps, 1.0))) for steps in args.steps]
+        lcm.unload_lora_weights()
     print("| images | steps | Laplacian energy | spread | mean |\n|---|---|---|---|---|")
     for name, steps, stats in rows:
         print(f"| {name} | {steps} | {stats['laplacian_energy']:.4f} | {stats['spread']:.3f} | {stats['mean']:.3f} |")

@@ -72,19 +72,17 @@ def unet_group_offloaded_to_meta(pipe):
     return pipe
 
 
-def accelerate_hooks_inside(pipe):
-    # A hook without an execution device on every component, and one deeper in the UNet that names "meta".
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            add_hook_to_module(module, ModelHook())
-    add_hook_to_module(pipe.unet.conv_in, ExecutionDeviceHook("meta"))
-    return pipe
-
-
 def accelerate_hooks_without_device(pipe):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             add_hook_to_module(module, ModelHook())
+    return pipe
+
+
+def accelerate_hooks_inside(pipe):
+    # A hook without an execution device on every component, and one deeper in the UNet that names "meta".
+    accelerate_hooks_without_device(pipe)
+    add_hook_to_module(pipe.unet.conv_in, ExecutionDeviceHook("meta"))
     return pipe
 
 
