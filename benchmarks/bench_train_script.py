@@ -10,10 +10,13 @@ checkout (it needs torchvision, and webdataset 0.2.86 for local shards, in the s
         train_lcm_distill_lora_sd_wds.py                                     # 960 steps, batch 32, rank 16
     python benchmarks/bench_train_script.py --reference_script ... --max_train_steps 20   # a quick try
     python benchmarks/bench_train_script.py --reference_script ... --lcm_kit_args "--cache_latents"
+    python benchmarks/bench_train_script.py --reference_script ... --reference_cpu_autocast_off \\
+        --lcm_kit_args "" --lcm_kit_args "--cache_latents --cache_text_embeddings"     # four runs in one script
 
 diffusers' script runs its teacher and target forwards under ``torch.autocast(device_type)`` whatever
 ``--mixed_precision`` says, which on a CPU means bf16: on a CPU without native bf16 (no AVX-512 bf16 or AMX; the
-summary line says which) those forwards run emulated kernels and dominate its time.
+summary line says which) those forwards run emulated kernels and dominate its time. ``--reference_cpu_autocast_off``
+adds a diagnostic run of the script with that autocast switched off, so the arithmetic is the fp32 both were asked for.
 
 Validation and checkpoints are off in both (steps beyond the run), so the figures are the distillation itself
 (lcm-kit still renders its final validation grid after saving, a few seconds). Run it twice and keep the second:
@@ -40,6 +43,22 @@ from machine import cpu_name
 REPO = Path(__file__).resolve().parents[1]
 # A tqdm bar line of either trainer ("Steps:  12%|...| 115/960 [...]").
 STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")
+REFERENCE_FP32 = "diffusers script, CPU autocast off (diagnostic)"
+# Runs the reference script (argv[1]) with torch.autocast("cpu") disabled: its teacher and target forwards then run in
+# the fp32 of --mixed_precision no instead of CPU autocast's bf16.
+CPU_AUTOCAST_OFF = """
+import runpy, sys, torch
+
+class CpuAutocastOff(torch.autocast):
+    def __init__(self, device_type, *args, **kwargs):
+        if device_type == "cpu":
+            kwargs["enabled"] = False
+        super().__init__(device_type, *args, **kwargs)
+
+torch.autocast = CpuAutocastOff
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def write_digits_shards(out_dir: Path, seed: int = 0, per_shard: int = 256) -> tuple[str, int]:
@@ -128,7 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank and alpha (default 16)")
     parser.add_argument("--dataloader_num_workers", type=int, default=1,
                         help="DataLoader workers of both (default 1; diffusers' script needs at least 1)")
-    parser.add_argument("--lcm_kit_args", default="", help="extra flags for lcm-kit's run only, e.g. '--cache_latents'")
+    parser.add_argument("--lcm_kit_args", action="append", default=None,
+                        help="extra flags for an lcm-kit run only, e.g. '--cache_latents'; give it several times for "
+                             "several lcm-kit runs in this one script ('' is the plain run; default: one plain run)")
+    parser.add_argument("--reference_cpu_autocast_off", action="store_true",
+                        help="also run diffusers' script with its CPU autocast switched off (a diagnostic: the same "
+                             "fp32 arithmetic as lcm-kit, as on a CPU where its bf16 costs nothing extra; not the "
+                             "script's own behaviour)")
     parser.add_argument("--order", choices=["lcm-kit-first", "reference-first"], default="reference-first",
                         help="which trainer runs first (default: diffusers' script)")
     parser.add_argument("--work_dir", type=Path, default=None, help="shards, outputs and logs (default: a temp dir)")
@@ -141,33 +166,40 @@ def main(argv: list[str] | None = None) -> None:
     shards, samples = write_digits_shards(work / "shards")
     print(f"{samples} samples in {shards}", flush=True)
 
-    runs = {
-        "diffusers script": [sys.executable, str(args.reference_script),
-                             *common_flags(args, shards, samples, work / "out-reference")],
-        "lcm-kit train_lcm_lora": [sys.executable, "-m", "lcm_kit.training.train_lcm_lora",
-                                   *common_flags(args, shards, samples, work / "out-lcm-kit"),
-                                   *shlex.split(args.lcm_kit_args)],
-    }
-    names = list(runs) if args.order == "reference-first" else list(runs)[::-1]
-    results = {name: run(name, runs[name], work / f"{name.split()[0]}.log") for name in names}
+    references = {"diffusers script": [sys.executable, str(args.reference_script),
+                                       *common_flags(args, shards, samples, work / "out-reference")]}
+    if args.reference_cpu_autocast_off:
+        references[REFERENCE_FP32] = [sys.executable, "-c", CPU_AUTOCAST_OFF, str(args.reference_script),
+                                      *common_flags(args, shards, samples, work / "out-reference-fp32")]
+    ours = {}
+    for index, extra in enumerate(args.lcm_kit_args if args.lcm_kit_args is not None else [""]):
+        name = f"lcm-kit train_lcm_lora {extra}".strip()
+        ours[name] = [sys.executable, "-m", "lcm_kit.training.train_lcm_lora",
+                      *common_flags(args, shards, samples, work / f"out-lcm-kit-{index}"), *shlex.split(extra)]
+    runs = {**references, **ours} if args.order == "reference-first" else {**ours, **references}
+    results = {name: run(name, argv, work / f"run-{index}.log") for index, (name, argv) in enumerate(runs.items())}
 
-    reference, ours = results["diffusers script"], results["lcm-kit train_lcm_lora"]
     print()
     print("| trainer | wall s | to the first step s | after the first step s |")
     print("|---|---|---|---|")
-    for result in (reference, ours):
+    for result in results.values():
         rest = result["wall_s"] - (result["first_step_s"] or 0.0)
         first = f"{result['first_step_s']:.1f}" if result["first_step_s"] is not None else "n/a"
         print(f"| {result['name']} | {result['wall_s']:.1f} | {first} | {rest:.1f} |")
-    ratio = ours["wall_s"] / reference["wall_s"]
     from lcm_kit.utils import cpu_has_native_bf16
 
     native_bf16 = cpu_has_native_bf16()
-    print(f"\nwall ratio lcm-kit / diffusers script: {ratio:.3f}x  (machine: {cpu_name()},"
-          f" {os.cpu_count()} CPUs, native bf16: {native_bf16}; load average after {os.getloadavg()})")
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} CPUs, native bf16: {native_bf16}; load average after "
+          f"{os.getloadavg()}")
+    ratios = {}
+    for name in ours:
+        for reference in references:
+            ratio = results[name]["wall_s"] / results[reference]["wall_s"]
+            ratios[f"{name} / {reference}"] = ratio
+            print(f"wall ratio {name} / {reference}: {ratio:.3f}x")
     if args.json:
         args.json.write_text(json.dumps(dict(
-            runs=results, ratio=ratio, machine=cpu_name(), native_bf16=native_bf16, flags=vars(args) | {
+            runs=results, ratios=ratios, machine=cpu_name(), native_bf16=native_bf16, flags=vars(args) | {
             "reference_script": str(args.reference_script), "work_dir": str(work), "json": str(args.json)}),
             indent=2, default=str))
 

@@ -18,6 +18,7 @@ peak resident set of a child process that builds and runs only that variant, min
 imports.
 
     python benchmarks/bench_train_step.py                 # CPU tiny config (tiny SD1-shaped kit, 32^2, batch 8, r 8)
+    python benchmarks/bench_train_step.py --config cpu-digits   # the shipped digits teacher, 32^2, batch 32, r 16
     python benchmarks/bench_train_step.py --config gpu    # SD1.5-shaped random weights, 512^2, batch 8, fp16, r 64
     python benchmarks/bench_train_step.py --threads 1 --torch_compile --no_peak_memory   # + the compiled trainer
     python benchmarks/bench_train_step.py --config gpu-sdxl   # SDXL-shaped, 1024^2, batch 4, r 64, fp16, grad ckpt
@@ -38,6 +39,8 @@ from machine import cpu_name
 
 CONFIGS = {
     "cpu": dict(kind="tiny", resolution=32, batch_size=8, rank=8, mixed_precision="no", device="cpu"),
+    # the shipped digits teacher with the flags of bench_train_script.py's end-to-end comparison
+    "cpu-digits": dict(kind="digits", resolution=32, batch_size=32, rank=16, mixed_precision="no", device="cpu"),
     "gpu": dict(kind="sd15", resolution=512, batch_size=8, rank=64, mixed_precision="fp16", device="cuda"),
     # SDXL LCM-LoRA with gradient checkpointing: lcm-kit's step and peak memory only (no reference formulation)
     "cpu-sdxl": dict(kind="tiny-sdxl", resolution=32, batch_size=4, rank=8, mixed_precision="no", device="cpu",
@@ -121,6 +124,15 @@ def build_components(cfg) -> dict:
         components = tiny_sd_components("sdxl" if cfg["kind"] == "tiny-sdxl" else "sd1")
         components["scheduler"] = DDPMScheduler.from_config(components["scheduler"].config)
         return components
+    if cfg["kind"] == "digits":
+        from types import SimpleNamespace
+
+        from lcm_kit.digits.data import teacher_path
+        from lcm_kit.training.teachers import load_teacher_components
+
+        return load_teacher_components(SimpleNamespace(
+            pretrained_teacher_model=str(teacher_path()), revision=None, cache_dir=None, variant=None,
+            pretrained_vae_model_name_or_path=None))
     return sdxl_shaped_components() if cfg["kind"] == "sdxl" else sd15_shaped_components()
 
 
@@ -139,7 +151,15 @@ def make_args(cfg, torch_compile: bool = False):
 def make_batch(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
     n, r = cfg["batch_size"], cfg["resolution"]
-    captions = [f"a photograph of object number {i} on a table, studio light" for i in range(n)]
+    if cfg["kind"] == "digits":
+        import random
+
+        from lcm_kit.digits.data import caption_for
+
+        rng = random.Random(seed)
+        captions = [caption_for(i % 10, rng) for i in range(n)]
+    else:
+        captions = [f"a photograph of object number {i} on a table, studio light" for i in range(n)]
     return {"pixel_values": torch.rand(n, 3, r, r, generator=g) * 2 - 1, "captions": captions}
 
 
@@ -158,7 +178,7 @@ class LcmKitStep:
         # what the trainer decided (fused LoRA needs lora_dropout 0, the default; see lcm_kit.training.fused_lora)
         self.fused_lora = (self.objective.fuse_student_lora, self.objective.fuse_target_lora)
         params = [p for p in self.objective.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-6)
+        self.optimizer = self.make_optimizer(params)
         self.model, self.optimizer = accelerator.prepare(self.objective.unet, self.optimizer)
         # --cache_latents --cache_text_embeddings: the batch arrives encoded
         raw = make_batch(cfg)
@@ -167,6 +187,11 @@ class LcmKitStep:
         if self.objective.family == "sdxl":  # the cache's micro-conditioning rows: square images, centre crops
             n, r = cfg["batch_size"], cfg["resolution"]
             self.batch.update(original_sizes=torch.full((n, 2), r), crop_top_lefts=torch.zeros(n, 2, dtype=torch.int64))
+
+    def make_optimizer(self, params):
+        from lcm_kit.training.loop import _optimizer  # the trainer's AdamW (fused kernel on CPU and CUDA)
+
+        return _optimizer(self.objective.args, params, 1e-6)
 
     def step(self, i):
         batch = {k: v.to(self.accelerator.device) for k, v in self.batch.items()}
@@ -275,8 +300,31 @@ class LcmKitTargetFusedStep(LcmKitUnfusedStep):
     fusion = (False, True)
 
 
+class LcmKitPerForwardSetupStep(LcmKitStep):
+    """The fused step as the trainer ran it before ``FusedLoRA`` and the fused AdamW: each forward checks and patches
+    the LoRA layers again (``fused_lora_forward``), the teacher switches the adapter with peft's
+    ``disable_adapters()``, the target builds its own ``W + s·B·A``, and AdamW runs torch's default."""
+
+    name = "lcm-kit per-forward setup"
+
+    def __init__(self, cfg, accelerator):
+        import contextlib
+
+        from lcm_kit.training.fused_lora import adapter_disabled, fused_lora_forward
+
+        super().__init__(cfg, accelerator)
+        objective = self.objective
+        objective._lora_forward = lambda fused, weights: (fused_lora_forward(objective.unet) if fused
+                                                          else contextlib.nullcontext())
+        objective._teacher_weights = adapter_disabled
+
+    def make_optimizer(self, params):
+        return torch.optim.AdamW(params, lr=1e-6)  # torch's default: a Python loop over CPU tensors
+
+
 VARIANTS = {"lcm-kit": LcmKitStep, "reference": ReferenceStep}
-FUSION_VARIANTS = {LcmKitUnfusedStep.name: LcmKitUnfusedStep, LcmKitTargetFusedStep.name: LcmKitTargetFusedStep}
+FUSION_VARIANTS = {LcmKitUnfusedStep.name: LcmKitUnfusedStep, LcmKitTargetFusedStep.name: LcmKitTargetFusedStep,
+                   LcmKitPerForwardSetupStep.name: LcmKitPerForwardSetupStep}
 
 
 def make_accelerator(cfg):

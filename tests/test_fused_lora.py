@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 
 from lcm_kit.lora import add_lcm_lora
 from lcm_kit.testing import tiny_unet
-from lcm_kit.training.fused_lora import fused_lora_forward, lora_fusion_blockers
+from lcm_kit.training.fused_lora import FusedLoRA, fused_lora_forward, lora_fusion_blockers
 
 RANK, ALPHA = 4, 8  # alpha != rank: the scaling (2) must enter the fused weight
 RANK_PATTERN, ALPHA_PATTERN = {"to_k": 2}, {"conv1": 3}  # per-module scalings too
@@ -144,6 +144,100 @@ def test_float32_and_bf16_autocast_match_peft():
     assert (fused_bf16.float() - ref).abs().max() <= 2 * (ref_bf16.float() - ref).abs().max() + 1e-3 * scale
 
 
+def test_fused_lora_base_is_peft_disabled_and_nests():
+    """``FusedLoRA.base()`` (the teacher) is bit-identical to peft's ``disable_adapters()`` and leaves the adapter's
+    requires_grad alone; a context nested in another runs its own forward and gives the outer one back."""
+    unet = lora_unet()
+    fusion = FusedLoRA(unet)
+    x, t, embeds = unet_inputs()
+    with torch.no_grad():
+        unet.disable_adapters()
+        try:
+            expected = unet(x, t, encoder_hidden_states=embeds).sample
+        finally:
+            unet.enable_adapters()
+        with fusion.base():
+            teacher = unet(x, t, encoder_hidden_states=embeds).sample
+            assert all(p.requires_grad for p in lora_params(unet).values())
+        peft_adapted = unet(x, t, encoder_hidden_states=embeds).sample
+        with fusion.fused():
+            with fusion.base():
+                nested_teacher = unet(x, t, encoder_hidden_states=embeds).sample
+            adapted = unet(x, t, encoder_hidden_states=embeds).sample
+            assert all("forward" in vars(layer) for layer in fusion.layers)
+    assert not any("forward" in vars(m) for m in unet.modules())
+    torch.testing.assert_close(teacher, expected, rtol=0, atol=0)
+    torch.testing.assert_close(nested_teacher, expected, rtol=0, atol=0)
+    torch.testing.assert_close(adapted, peft_adapted, rtol=1e-10, atol=1e-10)
+    assert (adapted - expected).abs().max() > 1e-3
+
+
+def test_fused_lora_base_with_a_merged_adapter_is_the_base():
+    unet = lora_unet()
+    x, t, embeds = unet_inputs()
+    with torch.no_grad():
+        base = tiny_unet("sd1").to(torch.float64)(x, t, encoder_hidden_states=embeds).sample
+        fusion = FusedLoRA(unet)
+        for layer in fusion.layers:
+            layer.merge()
+        with fusion.base():
+            teacher = unet(x, t, encoder_hidden_states=embeds).sample
+    torch.testing.assert_close(teacher, base, rtol=1e-10, atol=1e-10)
+
+
+def test_a_layer_whose_forward_a_hook_owns_stays_exact():
+    """A layer whose forward someone else replaced (a hook) keeps it: fused() runs peft's path under the hook there,
+    and base() switches the adapter off with peft's switch, so the hooked layer is the base too."""
+    unet = lora_unet()
+    x, t, embeds = unet_inputs()
+    fusion = FusedLoRA(unet)
+    hooked = fusion.layers[3]
+    calls = []
+    peft_forward = hooked.forward
+    hooked.forward = lambda *a, **k: calls.append(1) or peft_forward(*a, **k)
+    with torch.no_grad():
+        expected = tiny_unet("sd1").to(torch.float64)(x, t, encoder_hidden_states=embeds).sample
+        peft_adapted = unet(x, t, encoder_hidden_states=embeds).sample
+        with fusion.base():
+            teacher = unet(x, t, encoder_hidden_states=embeds).sample
+        with fusion.fused():
+            adapted = unet(x, t, encoder_hidden_states=embeds).sample
+    assert len(calls) == 3 and "forward" in vars(hooked)
+    torch.testing.assert_close(teacher, expected, rtol=0, atol=0)
+    torch.testing.assert_close(adapted, peft_adapted, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("grad_first", [True, False])
+def test_fused_weights_are_shared_from_grad_forwards_only(grad_first):
+    """A no-grad forward reuses the effective weights a grad-enabled forward built (the same tensors), never the
+    other way round: a student run after a no-grad target still gets peft's gradients."""
+    unet = lora_unet()
+    fusion = FusedLoRA(unet)
+    x, t, embeds = unet_inputs()
+    _, grads_ref = output_and_grads(unet, False, (x, t, embeds))
+    with torch.no_grad():
+        target_ref = unet(x * 0.5, t, encoder_hidden_states=embeds).sample
+    unet.zero_grad(set_to_none=True)
+    weights = {}
+    built = []
+    for layer in fusion.layers:  # count how often W + s·B·A is built
+        original = layer.get_delta_weight
+        layer.get_delta_weight = lambda name, original=original: built.append(1) or original(name)
+    for grad in ([True, False] if grad_first else [False, True]):
+        with torch.set_grad_enabled(grad), fusion.fused(weights):
+            if grad:
+                out = unet(x, t, encoder_hidden_states=embeds).sample
+            else:
+                target = unet(x * 0.5, t, encoder_hidden_states=embeds).sample
+    assert len(weights) == len(fusion.layers)
+    assert all(w.requires_grad for w in weights.values())
+    assert len(built) == (len(fusion.layers) if grad_first else 2 * len(fusion.layers))
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    torch.testing.assert_close(target, target_ref, rtol=1e-10, atol=1e-10)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(lora_params(unet)[name].grad, grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_dropout_blocks_fusion_explicitly():
     unet = lora_unet(dropout=0.1)
     blockers = lora_fusion_blockers(unet)
@@ -152,6 +246,8 @@ def test_dropout_blocks_fusion_explicitly():
     with pytest.raises(ValueError, match="cannot run fused"):
         with fused_lora_forward(unet):
             pass
+    with pytest.raises(ValueError, match="cannot run fused"):
+        FusedLoRA(unet)
     assert not any("forward" in vars(m) for m in unet.modules())
     with pytest.raises(ValueError, match="adapter_name 'other' not found"):
         lora_fusion_blockers(lora_unet(), "other")

@@ -43,7 +43,7 @@ from .args import (ADVERSARIAL_LEARNING_RATE, apply_family_defaults, build_lcm_l
                    validate_data_args, validate_lcm_args, validate_training_args)
 from .data import build_dataloader_from_args, build_encoded_cache, load_train_dataset_from_args
 from .discriminator import DiscriminatorHeads, TrainableDiscriminator, unet_block_features, unet_feature_channels
-from .fused_lora import fused_lora_forward, lora_fusion_blockers
+from .fused_lora import FusedLoRA, adapter_disabled, lora_fusion_blockers
 from .loop import TrainingObjective, create_accelerator, run_training, weight_dtype_for
 from .losses import LCMDistillationConfig, LCMDistillationLoss
 from .losses.lcm import guided_teacher_denoiser
@@ -86,15 +86,6 @@ def config_from_args(args, prediction_type: str, num_train_timesteps: int) -> LC
         target_rule="lcm" if args.method == "scd" else args.method,  # sCD maps to the origin too: LCM's sampler
         **({} if args.num_phases is None else {"num_phases": args.num_phases}),
     )
-
-
-@contextlib.contextmanager
-def _adapter_disabled(unet):
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
 
 
 @contextlib.contextmanager
@@ -185,6 +176,7 @@ class LCMObjective(TrainingObjective):
                 if module is not None:
                     module.compile()
         self.fuse_student_lora = self.fuse_target_lora = False
+        self.lora_fusion = None
         if mode == "lora":
             self._choose_lora_fusion()
         self.adversarial = self.discriminator = None
@@ -264,6 +256,7 @@ class LCMObjective(TrainingObjective):
             logger.info("LoRA runs unfused (peft's forward): %d layer(s) cannot be fused, e.g. %s: %s.",
                         len(blockers), name, why)
             return
+        self.lora_fusion = FusedLoRA(self.unet)
         self.fuse_target_lora = True
         # Gradient checkpointing recomputes blocks during backward, outside the step's fused context: the
         # recomputation would run peft's forward and save different tensors, so the student stays unfused then.
@@ -345,6 +338,7 @@ class LCMObjective(TrainingObjective):
             cond, uncond = dict(cond, time_ids=time_ids), dict(uncond, time_ids=time_ids)
         both = {name: torch.cat([cond[name], uncond[name]]) for name in cond}
         plain = unwrap_model(model)
+        lora_weights = {}  # this step's W + s·B·A: built by the student, reused by the no-grad target
 
         def w_embedding(w):
             if self.mode != "full":
@@ -353,7 +347,7 @@ class LCMObjective(TrainingObjective):
 
         def student(x, t, w):
             # (the prepared module already autocasts; this also covers an objective used without prepare)
-            with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_student_lora):
+            with self.accelerator.autocast(), self._lora_forward(self.fuse_student_lora, lora_weights):
                 return model(x, t, timestep_cond=w_embedding(w), **self.prompts.unet_kwargs(cond)).sample
 
         def teacher(x, t):
@@ -371,7 +365,7 @@ class LCMObjective(TrainingObjective):
 
         def target(x, t, w):
             unet = self.target_unet if self.mode == "full" else plain
-            with self.accelerator.autocast(), self._lora_forward(plain, self.fuse_target_lora):
+            with self.accelerator.autocast(), self._lora_forward(self.fuse_target_lora, lora_weights):
                 return unet(x, t, timestep_cond=w_embedding(w), **self.prompts.unet_kwargs(cond)).sample.float()
 
         output = self.loss(student, teacher, target, latents, generator)
@@ -427,15 +421,14 @@ class LCMObjective(TrainingObjective):
         return generator_loss, {"adversarial_d_loss": discriminator_loss.detach(),
                                 "adversarial_g_loss": generator_loss.detach()}
 
-    @staticmethod
-    def _lora_forward(unet, fused: bool):
-        """The LoRA layers as ONE op each (``W + s·B·A``) or peft's own forward."""
-        return fused_lora_forward(unet) if fused else contextlib.nullcontext()
+    def _lora_forward(self, fused: bool, weights: dict):
+        """The LoRA layers as ONE op each (``W + s·B·A``, shared through ``weights``) or peft's own forward."""
+        return self.lora_fusion.fused(weights) if fused else contextlib.nullcontext()
 
     def _teacher_weights(self, unet):
         """The teacher: for LoRA the student's own base with the adapter switched off (no second copy)."""
         if self.mode == "lora":
-            return _adapter_disabled(unet)
+            return self.lora_fusion.base() if self.lora_fusion is not None else adapter_disabled(unet)
         return contextlib.nullcontext(self.teacher_unet)
 
     def inference_unet(self, model):

@@ -361,15 +361,21 @@ def _check_finite(accelerator, rank_losses: list[float], step: int, learning_rat
     )
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def _optimizer(args, params, learning_rate: float):
+    kwargs = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                  eps=args.adam_epsilon)
     if args.use_8bit_adam:
         import bitsandbytes  # optional: pip install 'lcm-kit[8bit]'
 
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    params = list(params)
+    # torch.optim.AdamW's default for CPU tensors is a Python loop over the tensors (foreach only on CUDA); the fused
+    # kernel is one call per step on both (benchmarks/RESULTS.md).
+    fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def _replace_learning_rate(optimizer, lr_scheduler, previous: float, new: float) -> None:
