@@ -5,8 +5,9 @@
 
 * ``mode="lora"``: one UNet. The student is the teacher plus an LCM-LoRA; the teacher is the *same* module with the
   adapter disabled (no second copy) and the target is the student under ``no_grad``. Frozen weights are cast to the
-  mixed-precision dtype, the adapter stays fp32. Student and target run each LoRA layer as one op with ``W + s·B·A``
-  (:mod:`lcm_kit.training.fused_lora`, exact; off with ``--lora_dropout > 0``).
+  mixed-precision dtype, the adapter stays fp32. Student and target run each LoRA layer as one op with ``W + s·B·A``,
+  which the target takes from the student's forward (:class:`~lcm_kit.training.fused_lora.FusedLoRA`, exact; off
+  with ``--lora_dropout > 0``).
 * ``mode="full"``: the student is a copy of the teacher with a guidance embedding input (``time_cond_proj_dim``),
   the target is its EMA (``--ema_decay``, kept by the loop) and is what gets saved.
 
