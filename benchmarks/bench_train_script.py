@@ -161,6 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.reference_script.is_file():
         parser.error(f"--reference_script {str(args.reference_script)!r} is not a file")
+    lcm_kit_args = args.lcm_kit_args if args.lcm_kit_args is not None else [""]
+    for extra in lcm_kit_args:
+        try:
+            shlex.split(extra)
+        except ValueError as error:
+            parser.error(f"--lcm_kit_args {extra!r} is not a shell-quoted list of flags: {error}")
+    repeated = sorted({extra for extra in lcm_kit_args if lcm_kit_args.count(extra) > 1})
+    if repeated:
+        parser.error(f"--lcm_kit_args {repeated} given more than once: each lcm-kit run needs different flags")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lcm-bench-train-script-"))
     work.mkdir(parents=True, exist_ok=True)
     shards, samples = write_digits_shards(work / "shards")
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         references[REFERENCE_FP32] = [sys.executable, "-c", CPU_AUTOCAST_OFF, str(args.reference_script),
                                       *common_flags(args, shards, samples, work / "out-reference-fp32")]
     ours = {}
-    for index, extra in enumerate(args.lcm_kit_args if args.lcm_kit_args is not None else [""]):
+    for index, extra in enumerate(lcm_kit_args):
         name = f"lcm-kit train_lcm_lora {extra}".strip()
         ours[name] = [sys.executable, "-m", "lcm_kit.training.train_lcm_lora",
                       *common_flags(args, shards, samples, work / f"out-lcm-kit-{index}"), *shlex.split(extra)]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +38,34 @@ def test_a_missing_reference_script_is_named(tmp_path):
                              "--reference_script", str(tmp_path / "nope.py")], capture_output=True, text=True)
     assert result.returncode == 2
     assert "--reference_script" in result.stderr and "nope.py" in result.stderr and "is not a file" in result.stderr
+
+
+@pytest.mark.parametrize("lcm_kit_args, message", [
+    (["", ""], "given more than once"),
+    (["--cache_latents 'x"], "not a shell-quoted list"),
+])
+def test_repeated_or_unquotable_lcm_kit_args_are_named(tmp_path, lcm_kit_args, message):
+    script = tmp_path / "reference.py"
+    script.write_text("")
+    argv = [sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"), "--reference_script", str(script)]
+    for extra in lcm_kit_args:
+        argv += ["--lcm_kit_args", extra]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "--lcm_kit_args" in result.stderr and message in result.stderr
+
+
+def test_the_cpu_autocast_off_diagnostic_runs_the_script_with_its_arguments_and_no_cpu_autocast(tmp_path):
+    from bench_train_script import CPU_AUTOCAST_OFF
+
+    script = tmp_path / "probe.py"
+    script.write_text("import sys, torch\n"
+                      "with torch.autocast('cpu'):\n"
+                      "    y = torch.ones(2, 2) @ torch.ones(2, 2)\n"
+                      "    print(sys.argv[1:], torch.is_autocast_enabled('cpu'), y.dtype, __name__)\n")
+    result = subprocess.run([sys.executable, "-c", CPU_AUTOCAST_OFF, str(script), "--flag", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['--flag', '1'] False torch.float32 __main__"
+    plain = subprocess.run([sys.executable, str(script), "--flag", "1"], capture_output=True, text=True)
+    assert plain.stdout.strip() == "['--flag', '1'] True torch.bfloat16 __main__"  # what the diagnostic switches off

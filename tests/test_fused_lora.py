@@ -185,6 +185,27 @@ def test_fused_lora_base_with_a_merged_adapter_is_the_base():
     torch.testing.assert_close(teacher, base, rtol=1e-10, atol=1e-10)
 
 
+def test_fused_lora_base_switches_another_adapters_layers_off_too():
+    """A second adapter on layers the first does not touch: base() must switch those off as well (peft's switch)."""
+    from peft import LoraConfig
+
+    unet = lora_unet()
+    x, t, embeds = unet_inputs()
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["conv_in"], init_lora_weights=False),
+                     adapter_name="other")
+    unet.to(torch.float64)
+    unet.set_adapters(["default", "other"])
+    fusion = FusedLoRA(unet)
+    assert all("other" not in layer.lora_A for layer in fusion.layers)
+    with torch.no_grad():
+        expected = tiny_unet("sd1").to(torch.float64)(x, t, encoder_hidden_states=embeds).sample
+        with fusion.base():
+            teacher = unet(x, t, encoder_hidden_states=embeds).sample
+        adapted = unet(x, t, encoder_hidden_states=embeds).sample
+    torch.testing.assert_close(teacher, expected, rtol=1e-10, atol=1e-10)
+    assert (adapted - expected).abs().max() > 1e-3
+
+
 def test_a_layer_whose_forward_a_hook_owns_stays_exact():
     """A layer whose forward someone else replaced (a hook) keeps it: fused() runs peft's path under the hook there,
     and base() switches the adapter off with peft's switch, so the hooked layer is the base too."""

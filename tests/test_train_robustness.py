@@ -332,3 +332,32 @@ def test_help_shows_every_flags_default_and_abbreviations_are_refused(capsys):
     with pytest.raises(SystemExit):
         build_lcm_lora_parser().parse_args(["--pretrained_teacher", "x", "--dataset_name", "d"])
     assert "unrecognized arguments: --pretrained_teacher" in capsys.readouterr().err
+
+
+def test_the_trainers_adamw_is_torchs_fused_kernel_with_the_default_update():
+    """On CPU (and CUDA) the trainers' AdamW is torch's fused kernel, and it takes torch's default AdamW steps; on a
+    device the kernel does not support (meta) it is the default one."""
+    from types import SimpleNamespace
+
+    from lcm_kit.training.loop import _optimizer
+
+    args = SimpleNamespace(use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.99, adam_weight_decay=1e-2,
+                           adam_epsilon=1e-8)
+    g = torch.Generator().manual_seed(0)
+    fused = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((5, 3), (7,), (2, 3, 3, 3))]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    starts = [p.detach().clone() for p in fused]
+    optimizer = _optimizer(args, fused, 1e-2)
+    reference = torch.optim.AdamW(plain, lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-8)
+    assert optimizer.defaults["fused"] is True and not reference.defaults["fused"]
+    for _ in range(5):
+        for a, b in zip(fused, plain):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        optimizer.step()
+        reference.step()
+    for a, b, start in zip(fused, plain, starts):
+        assert (a.detach() - start).abs().mean() > 1e-3  # five real steps of about lr each
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)  # the same steps, up to rounding
+    meta = [torch.nn.Parameter(torch.empty(2, device="meta"))]
+    assert not _optimizer(args, meta, 1e-2).defaults["fused"]

@@ -92,7 +92,7 @@ def _fused_lora_forward_fn(layer, adapter_name: str, peft_forward, weights: dict
     return forward
 
 
-def _base_forward_fn(layer, peft_forward):
+def _base_forward_fn(layer):
     """``layer``'s forward with its adapter off: the base layer alone, what peft's forward runs for a disabled,
     unmerged adapter (``adapter_names``, peft's per-sample adapter choice, means nothing then and is dropped as peft
     drops it)."""
@@ -149,11 +149,11 @@ class FusedLoRA:
         self.adapter_name = adapter_name
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
         # base() switches only these layers: any other tuner layer would keep its adapter on
-        self._other_tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and
-                                    not (isinstance(m, LoraLayer) and adapter_name in m.lora_A)]
+        self._has_other_tuner_layers = sum(isinstance(m, BaseTunerLayer) for m in model.modules()) > len(self.layers)
         self._model = model
 
-    def _foreign_forward(self, layer):
+    @staticmethod
+    def _foreign_forward(layer) -> bool:
         """Whether ``layer.forward`` was replaced by someone else (a hook), not by a context of this class."""
         current = vars(layer).get("forward")
         return current is not None and not hasattr(current, "peft_forward")
@@ -163,9 +163,9 @@ class FusedLoRA:
         replaced = []
         try:
             for layer in self.layers:
-                current = vars(layer).get("forward")
                 if self._foreign_forward(layer):
                     continue  # peft's path runs under the hook: unfused, but exact
+                current = vars(layer).get("forward")
                 peft_forward = current.peft_forward if current is not None else layer.forward
                 forward = make_forward(layer, peft_forward)
                 forward.peft_forward = peft_forward
@@ -187,13 +187,13 @@ class FusedLoRA:
     @contextlib.contextmanager
     def base(self):
         """Context: the adapter off, each layer its base layer alone."""
-        if self._other_tuner_layers or any(layer.merged or self._foreign_forward(layer) for layer in self.layers):
+        if self._has_other_tuner_layers or any(layer.merged or self._foreign_forward(layer) for layer in self.layers):
             # another adapter's layers, a merged adapter to take out of W, or a layer whose forward a hook owns:
             # peft's own switch covers them all
             with adapter_disabled(self._model) as model:
                 yield model
             return
-        with self._patched(_base_forward_fn) as model:
+        with self._patched(lambda layer, peft: _base_forward_fn(layer)) as model:
             yield model
 
 
