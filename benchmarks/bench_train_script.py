@@ -12,11 +12,17 @@ checkout (it needs torchvision, and webdataset 0.2.86 for local shards, in the s
     python benchmarks/bench_train_script.py --reference_script ... --lcm_kit_args "--cache_latents"
     python benchmarks/bench_train_script.py --reference_script ... --reference_cpu_autocast_off \\
         --lcm_kit_args "" --lcm_kit_args "--cache_latents --cache_text_embeddings"     # four runs in one script
+    python benchmarks/bench_train_script.py --reference_script ... --reference_cpu_autocast_off \\
+        --skip_reference_script --repeats 3             # lcm-kit against the diagnostic, three alternating rounds
 
 diffusers' script runs its teacher and target forwards under ``torch.autocast(device_type)`` whatever
 ``--mixed_precision`` says, which on a CPU means bf16: on a CPU without native bf16 (no AVX-512 bf16 or AMX; the
 summary line says which) those forwards run emulated kernels and dominate its time. ``--reference_cpu_autocast_off``
 adds a diagnostic run of the script with that autocast switched off, so the arithmetic is the fp32 both were asked for.
+
+``--repeats N`` runs every trainer N times in alternating order (A B, B A, A B, ...), so that a machine that slows
+down or speeds up during the benchmark weighs on both; each round gives its own ratios, and the summary their median
+and range. ``--skip_reference_script`` leaves the script's own (slow) run out of such rounds, keeping the diagnostic.
 
 Validation and checkpoints are off in both (steps beyond the run), so the figures are the distillation itself
 (lcm-kit still renders its final validation grid after saving, a few seconds). Run it twice and keep the second:
@@ -31,6 +37,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -137,6 +144,23 @@ def run(name: str, argv: list[str], log_file: Path) -> dict:
     return dict(name=name, wall_s=wall, first_step_s=first_step)
 
 
+def round_orders(names: list[str], repeats: int) -> list[list[str]]:
+    """The run order of each round: ``names`` as given, then reversed, alternately (A B C, C B A, A B C...)."""
+    return [list(names) if index % 2 == 0 else list(reversed(names)) for index in range(repeats)]
+
+
+def ratio_summary(results: dict[str, list[dict]], ours: list[str], references: list[str]) -> dict[str, dict]:
+    """Per lcm-kit run and reference: the wall ratio of each round, their median, lowest and highest."""
+    summary = {}
+    for name in ours:
+        for reference in references:
+            per_round = [mine["wall_s"] / theirs["wall_s"] for mine, theirs in zip(results[name], results[reference],
+                                                                                   strict=True)]
+            summary[f"{name} / {reference}"] = {"per_round": per_round, "median": statistics.median(per_round),
+                                                 "low": min(per_round), "high": max(per_round)}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -154,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run diffusers' script with its CPU autocast switched off (a diagnostic: the same "
                              "fp32 arithmetic as lcm-kit, as on a CPU where its bf16 costs nothing extra; not the "
                              "script's own behaviour)")
+    parser.add_argument("--skip_reference_script", action="store_true",
+                        help="leave out the script's own run, keeping the diagnostic (needs "
+                             "--reference_cpu_autocast_off)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all runs, in alternating order (default 1)")
     parser.add_argument("--order", choices=["lcm-kit-first", "reference-first"], default="reference-first",
                         help="which trainer runs first (default: diffusers' script)")
     parser.add_argument("--work_dir", type=Path, default=None, help="shards, outputs and logs (default: a temp dir)")
@@ -161,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.reference_script.is_file():
         parser.error(f"--reference_script {str(args.reference_script)!r} is not a file")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.skip_reference_script and not args.reference_cpu_autocast_off:
+        parser.error("--skip_reference_script leaves no reference run: add --reference_cpu_autocast_off")
     lcm_kit_args = args.lcm_kit_args if args.lcm_kit_args is not None else [""]
     for extra in lcm_kit_args:
         try:
@@ -175,37 +208,50 @@ def main(argv: list[str] | None = None) -> None:
     shards, samples = write_digits_shards(work / "shards")
     print(f"{samples} samples in {shards}", flush=True)
 
-    references = {"diffusers script": [sys.executable, str(args.reference_script),
-                                       *common_flags(args, shards, samples, work / "out-reference")]}
+    def output(name: str, round_index: int) -> Path:
+        return work / (f"out-{name}" if args.repeats == 1 else f"out-{name}-round-{round_index}")
+
+    references = {}
+    if not args.skip_reference_script:
+        references["diffusers script"] = lambda r: [sys.executable, str(args.reference_script),
+                                                    *common_flags(args, shards, samples, output("reference", r))]
     if args.reference_cpu_autocast_off:
-        references[REFERENCE_FP32] = [sys.executable, "-c", CPU_AUTOCAST_OFF, str(args.reference_script),
-                                      *common_flags(args, shards, samples, work / "out-reference-fp32")]
+        references[REFERENCE_FP32] = lambda r: [sys.executable, "-c", CPU_AUTOCAST_OFF, str(args.reference_script),
+                                                *common_flags(args, shards, samples, output("reference-fp32", r))]
     ours = {}
     for index, extra in enumerate(lcm_kit_args):
-        name = f"lcm-kit train_lcm_lora {extra}".strip()
-        ours[name] = [sys.executable, "-m", "lcm_kit.training.train_lcm_lora",
-                      *common_flags(args, shards, samples, work / f"out-lcm-kit-{index}"), *shlex.split(extra)]
+        def lcm_kit_argv(r, index=index, extra=extra):
+            return [sys.executable, "-m", "lcm_kit.training.train_lcm_lora",
+                    *common_flags(args, shards, samples, output(f"lcm-kit-{index}", r)), *shlex.split(extra)]
+        ours[f"lcm-kit train_lcm_lora {extra}".strip()] = lcm_kit_argv
     runs = {**references, **ours} if args.order == "reference-first" else {**ours, **references}
-    results = {name: run(name, argv, work / f"run-{index}.log") for index, (name, argv) in enumerate(runs.items())}
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    count = 0
+    for round_index, order in enumerate(round_orders(list(runs), args.repeats)):
+        for name in order:
+            log = work / f"run-{count}.log"
+            results[name].append(dict(run(name, runs[name](round_index), log), round=round_index))
+            count += 1
 
     print()
-    print("| trainer | wall s | to the first step s | after the first step s |")
-    print("|---|---|---|---|")
-    for result in results.values():
-        rest = result["wall_s"] - (result["first_step_s"] or 0.0)
-        first = f"{result['first_step_s']:.1f}" if result["first_step_s"] is not None else "n/a"
-        print(f"| {result['name']} | {result['wall_s']:.1f} | {first} | {rest:.1f} |")
+    print("| round | trainer | wall s | to the first step s | after the first step s |")
+    print("|---|---|---|---|---|")
+    for round_index, order in enumerate(round_orders(list(runs), args.repeats)):
+        for name in order:
+            result = results[name][round_index]
+            rest = result["wall_s"] - (result["first_step_s"] or 0.0)
+            first = f"{result['first_step_s']:.1f}" if result["first_step_s"] is not None else "n/a"
+            print(f"| {round_index} | {result['name']} | {result['wall_s']:.1f} | {first} | {rest:.1f} |")
     from lcm_kit.utils import cpu_has_native_bf16
 
     native_bf16 = cpu_has_native_bf16()
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} CPUs, native bf16: {native_bf16}; load average after "
           f"{os.getloadavg()}")
-    ratios = {}
-    for name in ours:
-        for reference in references:
-            ratio = results[name]["wall_s"] / results[reference]["wall_s"]
-            ratios[f"{name} / {reference}"] = ratio
-            print(f"wall ratio {name} / {reference}: {ratio:.3f}x")
+    ratios = ratio_summary(results, list(ours), list(references))
+    for pair, ratio in ratios.items():
+        rounds = ", ".join(f"{value:.3f}" for value in ratio["per_round"])
+        print(f"wall ratio {pair}: median {ratio['median']:.3f}x (lowest {ratio['low']:.3f}x, highest "
+              f"{ratio['high']:.3f}x; per round {rounds})")
     if args.json:
         args.json.write_text(json.dumps(dict(
             runs=results, ratios=ratios, machine=cpu_name(), native_bf16=native_bf16, flags=vars(args) | {

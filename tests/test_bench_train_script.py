@@ -1,5 +1,6 @@
 """benchmarks/bench_train_script.py: the digits shards it gives both trainers hold the whole train split, readable by
-lcm-kit's shard reader, and a missing reference script is refused by name."""
+lcm-kit's shard reader, a missing reference script and impossible run lists are refused by name, and repeated rounds
+alternate their order and give per-round ratios."""
 
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train_script import write_digits_shards  # noqa: E402
+from bench_train_script import ratio_summary, round_orders, write_digits_shards  # noqa: E402
 
 from lcm_kit.digits.data import load_split  # noqa: E402
 from lcm_kit.training.data.shards import WebDatasetShards, expand_shard_pattern  # noqa: E402
@@ -69,3 +70,34 @@ def test_the_cpu_autocast_off_diagnostic_runs_the_script_with_its_arguments_and_
     assert result.stdout.strip() == "['--flag', '1'] False torch.float32 __main__"
     plain = subprocess.run([sys.executable, str(script), "--flag", "1"], capture_output=True, text=True)
     assert plain.stdout.strip() == "['--flag', '1'] True torch.bfloat16 __main__"  # what the diagnostic switches off
+
+
+def test_rounds_alternate_their_order():
+    assert round_orders(["ref", "ours"], 1) == [["ref", "ours"]]
+    assert round_orders(["ref", "ours", "cached"], 3) == [["ref", "ours", "cached"], ["cached", "ours", "ref"],
+                                                         ["ref", "ours", "cached"]]
+
+
+def test_ratios_are_given_per_round_with_their_median_and_range():
+    results = {"ours": [{"wall_s": 30.0}, {"wall_s": 36.0}, {"wall_s": 28.0}],
+               "ref": [{"wall_s": 40.0}, {"wall_s": 40.0}, {"wall_s": 35.0}]}
+    summary = ratio_summary(results, ["ours"], ["ref"])
+    assert list(summary) == ["ours / ref"]
+    ratio = summary["ours / ref"]
+    assert ratio["per_round"] == pytest.approx([0.75, 0.9, 0.8])
+    assert (ratio["median"], ratio["low"], ratio["high"]) == pytest.approx((0.8, 0.75, 0.9))
+    with pytest.raises(ValueError):  # a round without its partner run is no ratio
+        ratio_summary({"ours": results["ours"], "ref": results["ref"][:2]}, ["ours"], ["ref"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--skip_reference_script"], "--skip_reference_script leaves no reference run"),
+])
+def test_impossible_run_lists_are_named(tmp_path, extra, message):
+    script = tmp_path / "reference.py"
+    script.write_text("")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"), "--reference_script",
+                             str(script), *extra], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
