@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         ours[f"lcm-kit train_lcm_lora {extra}".strip()] = lcm_kit_argv
     runs = {**references, **ours} if args.order == "reference-first" else {**ours, **references}
     results: dict[str, list[dict]] = {name: [] for name in runs}
+    orders = round_orders(list(runs), args.repeats)
     count = 0
-    for round_index, order in enumerate(round_orders(list(runs), args.repeats)):
+    for round_index, order in enumerate(orders):
         for name in order:
             log = work / f"run-{count}.log"
             results[name].append(dict(run(name, runs[name](round_index), log), round=round_index))
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("| round | trainer | wall s | to the first step s | after the first step s |")
     print("|---|---|---|---|---|")
-    for round_index, order in enumerate(round_orders(list(runs), args.repeats)):
+    for round_index, order in enumerate(orders):
         for name in order:
             result = results[name][round_index]
             rest = result["wall_s"] - (result["first_step_s"] or 0.0)

@@ -34,9 +34,17 @@ def test_shards_hold_the_whole_train_split_with_captions(tmp_path):
         assert isinstance(caption, str) and caption.strip()
 
 
+def run_bench(tmp_path, *argv, reference_script=None):
+    """bench_train_script.py with ``argv``; the reference script is an empty file unless given."""
+    if reference_script is None:
+        reference_script = tmp_path / "reference.py"
+        reference_script.write_text("")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"), "--reference_script",
+                           str(reference_script), *argv], capture_output=True, text=True)
+
+
 def test_a_missing_reference_script_is_named(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"),
-                             "--reference_script", str(tmp_path / "nope.py")], capture_output=True, text=True)
+    result = run_bench(tmp_path, reference_script=tmp_path / "nope.py")
     assert result.returncode == 2
     assert "--reference_script" in result.stderr and "nope.py" in result.stderr and "is not a file" in result.stderr
 
@@ -46,12 +54,10 @@ def test_a_missing_reference_script_is_named(tmp_path):
     (["--cache_latents 'x"], "not a shell-quoted list"),
 ])
 def test_repeated_or_unquotable_lcm_kit_args_are_named(tmp_path, lcm_kit_args, message):
-    script = tmp_path / "reference.py"
-    script.write_text("")
-    argv = [sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"), "--reference_script", str(script)]
+    argv = []
     for extra in lcm_kit_args:
         argv += ["--lcm_kit_args", extra]
-    result = subprocess.run(argv, capture_output=True, text=True)
+    result = run_bench(tmp_path, *argv)
     assert result.returncode == 2, result.stderr
     assert "--lcm_kit_args" in result.stderr and message in result.stderr
 
@@ -95,9 +101,6 @@ def test_ratios_are_given_per_round_with_their_median_and_range():
     (["--skip_reference_script"], "--skip_reference_script leaves no reference run"),
 ])
 def test_impossible_run_lists_are_named(tmp_path, extra, message):
-    script = tmp_path / "reference.py"
-    script.write_text("")
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_script.py"), "--reference_script",
-                             str(script), *extra], capture_output=True, text=True)
+    result = run_bench(tmp_path, *extra)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
